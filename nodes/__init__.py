@@ -1,0 +1,1 @@
+"""Thin ComfyUI node adapters over quant_core (added by the node-pack issue)."""

@@ -1,0 +1,259 @@
+"""`python -m quant_core` / `convert_to_quant`: the headless converter, with the seed tool's flag names.
+
+Subcommands: `verify OUT [--reference SRC]`, `demo`. Anything else is a conversion (`-i model.safetensors …`).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from . import __version__
+from .errors import QuantError
+from .options import QuantOptions
+from .select.presets import PRESETS
+
+FORMAT_SHORTHANDS = {"int8": "int8", "fp8": "fp8", "nvfp4": "nvfp4", "mxfp8": "mxfp8", "fp16": "fp16"}
+
+# Flags of the seed that belong to capabilities not in this version yet: accepted by the parser so the message is
+# clear, refused when used. (flag names, takes a value, what it is for)
+NOT_YET = [
+    (("--optimizer",), True, "learned rounding / GPTQ / QuIP"),
+    (("--num_iter", "--num-iter"), True, "learned rounding"),
+    (("--lr",), True, "learned rounding"),
+    (("--lr_schedule", "--lr-schedule"), True, "learned rounding"),
+    (("--lr_gamma", "--lr-gamma"), True, "learned rounding"),
+    (("--lr_patience", "--lr-patience"), True, "learned rounding"),
+    (("--lr_factor", "--lr-factor"), True, "learned rounding"),
+    (("--lr_min", "--lr-min"), True, "learned rounding"),
+    (("--lr_cooldown", "--lr-cooldown"), True, "learned rounding"),
+    (("--lr_threshold", "--lr-threshold"), True, "learned rounding"),
+    (("--lr_adaptive_mode", "--lr-adaptive-mode"), True, "learned rounding"),
+    (("--lr-shape-influence", "--lr_shape_influence"), True, "learned rounding"),
+    (("--lr-threshold-mode", "--lr_threshold_mode"), True, "learned rounding"),
+    (("--early-stop-loss", "--early_stop_loss"), True, "learned rounding"),
+    (("--early-stop-lr", "--early_stop_lr"), True, "learned rounding"),
+    (("--early-stop-stall", "--early_stop_stall"), True, "learned rounding"),
+    (("--top_p", "--top-p"), True, "learned rounding"),
+    (("--min_k", "--min-k"), True, "learned rounding"),
+    (("--max_k", "--max-k"), True, "learned rounding"),
+    (("--full_matrix", "--full-matrix"), False, "learned rounding"),
+    (("--quip-actorder",), False, "QuIP"),
+    (("--quip-hadamard",), False, "QuIP"),
+    (("--quip-seed",), True, "QuIP"),
+    (("--quip-store-transformed",), False, "QuIP"),
+    (("--quip-checkpointed",), False, "QuIP"),
+    (("--quip-checkpoint-threshold",), True, "QuIP"),
+    (("--quip-checkpoint-segments",), True, "QuIP"),
+    (("--smoothquant",), False, "SmoothQuant"),
+    (("--smoothquant-alpha",), True, "SmoothQuant"),
+    (("--calibration-data",), True, "calibration"),
+    (("--calibration-lora",), True, "calibration"),
+    (("--static-activations",), False, "static activation scales"),
+    (("--merge-lora",), True, "LoRA merging"),
+    (("--merge-loras",), True, "LoRA merging"),
+    (("--merge-lora-scale",), True, "LoRA merging"),
+    (("--merge-lora-dampen",), False, "LoRA merging"),
+    (("--streaming-mode",), True, "GPU streaming thresholds"),
+    (("--stream-hadamard-threshold",), True, "GPU streaming thresholds"),
+    (("--stream-hessian-threshold",), True, "GPU streaming thresholds"),
+    (("--stream-ldlq-threshold",), True, "GPU streaming thresholds"),
+    (("--stream-ortho-threshold",), True, "GPU streaming thresholds"),
+    (("--no-memory-limits",), False, "GPU memory controls"),
+    (("--bf16-compute",), True, "BF16 compute"),
+    (("--bf16-threshold",), True, "BF16 compute"),
+    (("--bf16-hadamard-threshold",), True, "BF16 compute"),
+    (("--bf16-hessian-threshold",), True, "BF16 compute"),
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="convert_to_quant",
+        description="Quantize a safetensors checkpoint into a file stock ComfyUI (v0.27+) loads. Default: INT8 with "
+                    "per-row scales (int8_tensorwise, [N,1] scales), round-to-nearest, verified after writing.",
+        epilog="Subcommands: `verify OUT.safetensors [--reference SRC]`, `demo`. "
+               "Flags of later capabilities (methods, LoRA, SmoothQuant, calibration) are listed but refused for now.")
+    parser.add_argument("--version", action="version", version=f"quant_core {__version__}")
+    req = parser.add_argument_group("Required Arguments")
+    req.add_argument("-i", "--input", required=True, help="input .safetensors file")
+    _add_output_group(parser)
+    _add_format_group(parser)
+    _add_quantization_group(parser)
+    _add_preset_group(parser)
+    _add_memory_group(parser)
+    _add_not_yet_group(parser)
+    return parser
+
+
+def _add_output_group(parser):
+    out = parser.add_argument_group("Output Format Options")
+    out.add_argument("-o", "--output", help="output path (default: <input stem>_<method>_<format>.safetensors)")
+    out.add_argument("--comfy_quant", "--comfy-quant", action="store_true",
+                     help="write .comfy_quant markers (always on: a file with scales but no markers loads as garbage)")
+    out.add_argument("--save-quant-metadata", "--save_quant_metadata", action="store_true",
+                     help="write the _quantization_metadata header (always on: ComfyUI <= 0.3.7x reads only the header)")
+    out.add_argument("--full_precision_matrix_mult", "--full-precision-matrix-mult", "-fpmm", action="store_true",
+                     help="mark layers full_precision_matrix_mult: quantized storage, matmul in the compute dtype")
+    out.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+
+
+def _add_format_group(parser):
+    fmt = parser.add_argument_group("Format Selection")
+    fmt.add_argument("--format", choices=["int8", "fp8", "fp8_e5m2", "nvfp4", "mxfp8", "fp16"],
+                     help="target format (default int8)")
+    for flag, family in FORMAT_SHORTHANDS.items():
+        fmt.add_argument(f"--{flag}", dest="format", action="store_const", const=family, help=f"same as --format {family}")
+    fmt.add_argument("--scaling_mode", "--scaling-mode", choices=["tensor", "axis", "row", "block"],
+                     help="int8: row (default; = axis) or tensor; fp8: tensor (default). 'block' (2-D tiles) and fp8 "
+                          "'row' write formats upstream ComfyUI cannot load: only on explicit request, with a warning")
+    fmt.add_argument("--block_size", "--block-size", type=int, default=128, help="tile size for --scaling_mode block")
+    fmt.add_argument("--convrot", action="store_true",
+                     help="INT8 per-row with a ConvRot block-Hadamard rotation (ComfyUI rotates activations online)")
+    fmt.add_argument("--convrot-group-size", "--convrot_group_size", type=int, default=256,
+                     help="ConvRot group size, a power of 4 (default 256); layers whose K it does not divide fall back "
+                          "to plain per-row INT8")
+
+
+def _add_quantization_group(parser):
+    q = parser.add_argument_group("Quantization Options")
+    q.add_argument("--simple", action="store_true", help="round-to-nearest (the only method in this version)")
+    q.add_argument("--heur", action="store_true", help="keep layers with poor shapes for quantization in high precision")
+    q.add_argument("--exclude-layers", "--exclude_layers", metavar="REGEX", help="keep layers matching REGEX unquantized")
+    q.add_argument("--layer-config", "--layer_config", metavar="FILE.json", help="per-layer rules (see README)")
+    q.add_argument("--quantize-embeddings", action="store_true", help="also quantize embedding/vocabulary tables")
+    q.add_argument("--quantize-io-layers", action="store_true", help="also quantize model input/output layers")
+    q.add_argument("--allow-nonfinite", action="store_true",
+                   help="keep layers with NaN/Inf weights in high precision instead of failing")
+    q.add_argument("--report-quality", action="store_true", help="print per-layer MSE and SQNR, worst layers first")
+    q.add_argument("--quality-threshold", type=float, default=30.0, help="SQNR warning threshold in dB (default 30)")
+    q.add_argument("--report", metavar="FILE.json", help="write the quality report as JSON")
+    q.add_argument("--verify", choices=["off", "cheap", "full"], default="cheap",
+                   help="check the written file: cheap (header, markers, scales; default) or full (also every layer "
+                        "against the input through comfy-kitchen)")
+
+
+def _add_preset_group(parser):
+    group = parser.add_argument_group("Model-Specific Filters (keep sensitive layers in high precision)")
+    for preset in PRESETS.values():
+        group.add_argument(f"--{preset.name}", dest="presets", action="append_const", const=preset.name,
+                           help=preset.help)
+
+
+def _add_memory_group(parser):
+    mem = parser.add_argument_group("Streaming & Memory Options")
+    mem.add_argument("--low-memory", "--low_memory", "-lm", action="store_true",
+                     help="no read-ahead, CPU only: RAM stays ~ the largest tensor plus a constant")
+    mem.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda, cuda:N")
+    mem.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _add_not_yet_group(parser):
+    later = parser.add_argument_group("Not yet available (accepted names of the seed; refused when used)")
+    for names, takes_value, what in NOT_YET:
+        kwargs = {"nargs": "*"} if takes_value else {"action": "store_true"}
+        later.add_argument(*names, dest=f"notyet_{names[0].lstrip('-').replace('-', '_')}", default=None,
+                           help=f"[{what}: not in this version]", **kwargs)
+
+
+def options_from_args(args) -> QuantOptions:
+    for names, _, what in NOT_YET:
+        value = getattr(args, f"notyet_{names[0].lstrip('-').replace('-', '_')}")
+        if value not in (None, False):
+            raise QuantError(f"{names[0]}: {what} is not available in this version yet; use --simple (round-to-nearest)")
+    layer_config = args.layer_config
+    return QuantOptions(
+        format=args.format or "int8", scaling_mode=args.scaling_mode, block_size=args.block_size,
+        convrot=args.convrot, convrot_group_size=args.convrot_group_size,
+        full_precision_matrix_mult=args.full_precision_matrix_mult, presets=tuple(args.presets or ()),
+        exclude_layers=args.exclude_layers, layer_config=layer_config, heur=args.heur,
+        quantize_embeddings=args.quantize_embeddings, quantize_io_layers=args.quantize_io_layers,
+        allow_nonfinite=args.allow_nonfinite, low_memory=args.low_memory, device=args.device, verify=args.verify,
+        report_quality=args.report_quality, quality_threshold=args.quality_threshold, report_path=args.report,
+        overwrite=args.overwrite, progress=not args.no_progress,
+    ).validate()
+
+
+def run_convert(argv: list[str]) -> int:
+    from .convert import convert
+    args = build_parser().parse_args(argv)
+    options = options_from_args(args)
+    if options.is_legacy():
+        fmt = options.main_format()
+        print(f"WARNING: {fmt.name} is NOT loadable by upstream ComfyUI (KeyError on load); only some forks and custom "
+              f"nodes read it. For stock ComfyUI use int8 --scaling_mode row or fp8 --scaling_mode tensor.",
+              file=sys.stderr)
+    result = convert(args.input, args.output, options)
+    print_result(result, options)
+    return 0
+
+
+def print_result(result, options: QuantOptions) -> None:
+    plan = result.plan
+    quantized = plan.of("quantize")
+    mix: dict[str, int] = {}
+    for d in quantized:
+        mix[d.format.describe()] = mix.get(d.format.describe(), 0) + 1
+    print(f"wrote {result.output}")
+    print(f"  {len(quantized)} layers quantized ({', '.join(f'{n}× {f}' for f, n in mix.items())}), "
+          f"{len(plan.of('keep'))} tensors kept, {len(plan.of('remove'))} removed")
+    print(f"  {result.input_bytes / 1e6:.1f} MB -> {result.output_bytes / 1e6:.1f} MB in {result.seconds:.1f} s")
+    for d in plan.fallbacks():
+        print(f"  fallback: {d.layer}: {d.reason}")
+    for note in result.notes:
+        print(f"  kept: {note}")
+    for rule in plan.rules_unmatched:
+        print(f"  note: {rule} matched no layer")
+    if result.verify is not None:
+        print(f"  {result.verify.summary()}")
+        for warning in result.verify.warnings[:10]:
+            print(f"    warning: {warning}")
+    print(f"  {result.report.summary()}")
+    if options.report_quality:
+        print(result.report.table(limit=None))
+    if options.report_path:
+        result.report.write_json(options.report_path, {"output": result.output, "kept": {
+            d.key: d.reason for d in plan.of("keep") if d.reason}})
+
+
+def run_verify(argv: list[str]) -> int:
+    from .verify import verify_file
+    parser = argparse.ArgumentParser(prog="convert_to_quant verify",
+                                     description="Check a quantized file against ComfyUI's loading contract.")
+    parser.add_argument("file")
+    parser.add_argument("--reference", help="the source file: rebuild each layer through comfy-kitchen and compare")
+    parser.add_argument("--allow-legacy", action="store_true",
+                        help="report fork-only formats (int8_blockwise, fp8 row/block) as warnings, not defects")
+    parser.add_argument("--json", action="store_true", help="print the result as JSON")
+    args = parser.parse_args(argv)
+    result = verify_file(args.file, args.reference, args.allow_legacy)
+    if args.json:
+        print(json.dumps({"ok": result.ok, "defects": result.defects, "warnings": result.warnings,
+                          "layers": [vars(l) for l in result.layers]}, indent=2))
+    else:
+        for layer in result.layers:
+            error = "" if layer.rel_error is None else f"  rel.error {layer.rel_error:.4g}"
+            print(f"{layer.layer:<60} {layer.format}{'' if layer.upstream else ' [NOT UPSTREAM]'}{error}")
+        for warning in result.warnings:
+            print(f"warning: {warning}")
+        for defect in result.defects:
+            print(f"DEFECT: {defect}")
+        print(result.summary())
+    return 0 if result.ok else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        if argv[:1] == ["verify"]:
+            return run_verify(argv[1:])
+        if argv[:1] == ["demo"]:
+            from .demo import run_demo
+            return run_demo(argv[1:])
+        return run_convert(argv)
+    except QuantError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("interrupted; no output written", file=sys.stderr)
+        return 130

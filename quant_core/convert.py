@@ -1,0 +1,199 @@
+"""The conversion pipeline: read (streaming) → select → quantize → write (streaming, atomic) → verify / report."""
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass, field
+
+import torch
+from tqdm import tqdm
+
+from . import __version__
+from .errors import QuantError
+from .formats import Format
+from .io.reader import SafetensorsReader
+from .io.writer import StreamingWriter, header_reserve
+from .methods import get_method
+from .options import QuantOptions
+from .report import LayerStats, QualityReport, layer_stats
+from .select.plan import KEEP, QUANTIZE, REMOVE, Decision, Plan, build_plan, require_work
+
+QUANT_METADATA_KEY = "_quantization_metadata"
+FP16_MAX = 65504.0
+
+
+@dataclass
+class ConvertResult:
+    output: str
+    plan: Plan
+    report: QualityReport
+    seconds: float
+    input_bytes: int
+    output_bytes: int
+    notes: list[str] = field(default_factory=list)  # per-layer fallbacks decided while streaming
+    verify: object = None
+
+
+def default_output_name(input_path: str, options: QuantOptions) -> str:
+    """`<stem>_<method>_<format label>.safetensors` next to the input, like the seed ("simple" = RTN)."""
+    stem = os.path.splitext(input_path)[0]
+    if options.format == "fp16":
+        return f"{stem}_fp16.safetensors"
+    method = "simple" if options.method == "rtn" else options.method
+    return f"{stem}_{method}_{options.main_format().label}.safetensors"
+
+
+def pick_device(options: QuantOptions) -> torch.device:
+    if options.low_memory or options.device == "cpu":
+        return torch.device("cpu")
+    if options.device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if options.device.startswith("cuda") and not torch.cuda.is_available():
+        raise QuantError(f"--device {options.device}: CUDA is not available on this machine")
+    try:
+        return torch.device(options.device)
+    except RuntimeError:
+        raise QuantError(f"--device: unknown device {options.device!r} (auto, cpu, cuda, cuda:N)") from None
+
+
+def convert(input_path: str, output_path: str | None, options: QuantOptions) -> ConvertResult:
+    """Convert one safetensors file. Raises QuantError for bad input; leaves no output file on any failure."""
+    options.validate()
+    start = time.perf_counter()
+    with SafetensorsReader(input_path, low_memory=True) as reader:
+        _refuse_quantized_input(reader, input_path)
+        plan = build_plan(reader.infos(), options)
+        require_work(plan, input_path, fp16=options.format == "fp16")
+        output_path = output_path or default_output_name(input_path, options)
+        _check_output_path(input_path, output_path)
+        result = _stream(reader, plan, output_path, options)
+    result.seconds = time.perf_counter() - start
+    result.input_bytes = os.path.getsize(input_path)
+    result.output_bytes = os.path.getsize(result.output)
+    return result
+
+
+def _refuse_quantized_input(reader: SafetensorsReader, path: str) -> None:
+    if any(key.endswith(".comfy_quant") for key in reader.keys()) or QUANT_METADATA_KEY in reader.metadata():
+        raise QuantError(f"{path}: this file is already quantized (it has .comfy_quant markers); use the original weights")
+
+
+def _check_output_path(input_path: str, output_path: str) -> None:
+    if os.path.abspath(output_path) == os.path.abspath(input_path) or (
+            os.path.exists(output_path) and os.path.samefile(output_path, input_path)):
+        raise QuantError(f"{output_path}: output path equals the input; choose another -o")
+    directory = os.path.dirname(os.path.abspath(output_path))
+    if not os.path.isdir(directory):
+        raise QuantError(f"{output_path}: output directory {directory} does not exist")
+    if not os.access(directory, os.W_OK):
+        raise QuantError(f"{output_path}: output directory {directory} is not writable")
+
+
+def _planned_entries(reader: SafetensorsReader, plan: Plan):
+    """(name, dtype tag, shape) of every tensor the output will hold, for the header reservation."""
+    for d in plan.decisions.values():
+        info = reader.info(d.key)
+        if d.action == REMOVE:
+            continue
+        if d.action == KEEP:
+            yield d.key, info.dtype, info.shape
+            continue
+        for suffix, tag, shape in d.format.layout(info.shape):
+            yield f"{d.layer}.{suffix}", tag, shape
+        yield f"{d.layer}.comfy_quant", "U8", (256,)
+
+
+def _stream(reader: SafetensorsReader, plan: Plan, output_path: str, options: QuantOptions) -> ConvertResult:
+    device = pick_device(options)
+    method = get_method(options.method)
+    metadata = reader.metadata()
+    layers_conf: dict[str, dict] = {}
+    stats: list[LayerStats] = []
+    notes: list[str] = []
+    reserve = header_reserve(list(_planned_entries(reader, plan)),
+                             {**metadata, QUANT_METADATA_KEY: json.dumps({"layers": {d.layer: {"format": "x" * 64}
+                                                                          for d in plan.of(QUANTIZE)}})})
+    keys = [k for k, d in plan.decisions.items() if d.action != REMOVE]
+    prefetch = 0 if options.low_memory else options.prefetch_bytes
+    with StreamingWriter(output_path, reserve, overwrite=options.overwrite) as writer:
+        bar = tqdm(total=len(keys), desc=os.path.basename(reader.path), unit="tensor", disable=not options.progress,
+                   dynamic_ncols=True)
+        for key, tensor in reader.iter_tensors(keys, prefetch_bytes=prefetch):
+            decision = plan.decisions[key]
+            if decision.action == QUANTIZE:
+                conf, layer_stat = _quantize_layer(decision, tensor, writer, method, device, options, reader.path)
+                if conf is None:
+                    notes.append(f"{decision.layer}: {layer_stat}")
+                else:
+                    layers_conf[decision.layer] = conf
+                    stats.append(layer_stat)
+            else:
+                _write_kept(key, tensor, writer, options, notes)
+            del tensor
+            bar.update(1)
+        bar.close()
+        writer.finish(_output_metadata(metadata, layers_conf, options))
+        verification = _verify_temp(writer.temp, reader.path, options, plan)
+        writer.publish()
+    report = QualityReport(stats, options.quality_threshold)
+    return ConvertResult(output_path, plan, report, 0.0, 0, 0, notes, verification)
+
+
+def _quantize_layer(decision: Decision, tensor: torch.Tensor, writer: StreamingWriter, method, device,
+                    options: QuantOptions, path: str):
+    """Quantize and write one layer. Returns (marker conf, stats), or (None, why) if it was kept instead."""
+    weight = tensor.to(device=device, dtype=torch.float32, non_blocking=True)
+    finite = torch.isfinite(weight)
+    if not bool(finite.all()):
+        bad = int((~finite).sum())
+        if not options.allow_nonfinite:
+            raise QuantError(f"{path}: layer {decision.layer} has {bad} NaN/Inf values; fix the checkpoint or pass "
+                             "--allow-nonfinite to keep such layers in high precision")
+        writer.add(decision.key, tensor)
+        decision.action, decision.reason = KEEP, f"{bad} NaN/Inf values (--allow-nonfinite: kept in high precision)"
+        return None, decision.reason
+    fmt: Format = decision.format
+    grid = fmt.grid(weight)
+    codes = method.codes(fmt, grid, decision.layer)
+    for suffix, value in fmt.pack(codes, grid).items():
+        writer.add(f"{decision.layer}.{suffix}", value)
+    conf = dict(fmt.marker(), orig_dtype=str(tensor.dtype).removeprefix("torch."))
+    if decision.full_precision_matrix_mult:
+        conf["full_precision_matrix_mult"] = True
+    writer.add(f"{decision.layer}.comfy_quant", marker_tensor(conf))
+    return conf, layer_stats(decision.layer, fmt, weight, fmt.reconstruct(codes, grid), decision.reason)
+
+
+def marker_tensor(conf: dict) -> torch.Tensor:
+    """The `.comfy_quant` marker: a 1-D uint8 tensor holding the UTF-8 bytes of the JSON object."""
+    return torch.tensor(list(json.dumps(conf).encode("utf-8")), dtype=torch.uint8)
+
+
+def _write_kept(key: str, tensor: torch.Tensor, writer: StreamingWriter, options: QuantOptions, notes: list[str]):
+    if options.format == "fp16" and tensor.dtype in (torch.float32, torch.bfloat16, torch.float64):
+        if tensor.numel() and float(tensor.abs().max()) > FP16_MAX:
+            notes.append(f"{key}: values beyond the FP16 range; kept in {str(tensor.dtype).removeprefix('torch.')}")
+        else:
+            tensor = tensor.to(torch.float16)
+    writer.add(key, tensor)
+
+
+def _output_metadata(metadata: dict, layers_conf: dict, options: QuantOptions) -> dict:
+    out = dict(metadata)
+    if layers_conf:
+        out[QUANT_METADATA_KEY] = json.dumps({"format_version": "1.0", "layers": layers_conf})
+    out["quant_core"] = json.dumps({"version": __version__, "format": options.format, "method": options.method})
+    return out
+
+
+def _verify_temp(temp_path: str, source_path: str, options: QuantOptions, plan: Plan):
+    if options.verify == "off":
+        return None
+    from .verify import verify_file
+    # Legacy format names only come from an explicit request (scaling mode or layer config): mark, don't fail.
+    result = verify_file(temp_path, reference=source_path if options.verify == "full" else None, allow_legacy=True)
+    if not result.ok:
+        raise QuantError(f"verify failed on the converted file (nothing written): {result.defects[0]}")
+    return result
+

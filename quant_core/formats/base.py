@@ -1,0 +1,78 @@
+"""What every format module provides.
+
+A format knows bytes and layouts: how to choose a scale grid for a weight, which values the grid can represent,
+how the integer codes and scales are packed into the tensors ComfyUI reads, and how to read them back.
+Which code each weight gets on that grid is the method's business (`quant_core.methods`).
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+
+import torch
+
+OutputLayout = list[tuple[str, str, tuple[int, ...]]]  # (tensor suffix, safetensors dtype tag, shape)
+
+
+@dataclass
+class Grid:
+    """The scale grid chosen for one weight.
+
+    work:  the fp32 matrix the codes approximate (the weight, padded and/or rotated as the format needs), [Np, Kp]
+    scale: per-element scale broadcastable to `work` (scales multiply: work ≈ codes × scale)
+    extra: what `pack` needs besides the codes (stored scale tensors, original shape, …)
+    """
+
+    work: torch.Tensor
+    scale: torch.Tensor
+    extra: dict = field(default_factory=dict)
+
+
+def divide_by_scale(values: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """values / scale, with 0 where the scale is 0 (all-zero blocks)."""
+    safe = torch.where(scale == 0, torch.ones_like(scale), scale)
+    return torch.where(scale == 0, torch.zeros_like(values), values / safe)
+
+
+class Format(ABC):
+    """One on-disk format. Subclasses are stateless apart from their settings (block size, group size)."""
+
+    name: str  # the `format` string written into `.comfy_quant`
+    upstream: bool = True  # loadable by upstream ComfyUI (v0.27+)
+    label: str  # short label for file names and tables
+
+    def fit(self, shape: tuple[int, ...]) -> str | None:
+        """Why this format cannot hold a weight of this shape, or None if it can."""
+        return None
+
+    @abstractmethod
+    def grid(self, weight: torch.Tensor) -> Grid:
+        """Choose the scales for an fp32 [N, K] weight."""
+
+    @abstractmethod
+    def round(self, scaled: torch.Tensor) -> torch.Tensor:
+        """Snap values already divided by the scale to the nearest representable code (returned as floats)."""
+
+    @abstractmethod
+    def pack(self, codes: torch.Tensor, grid: Grid) -> dict[str, torch.Tensor]:
+        """The tensors to store beside the layer name: suffix ('weight', 'weight_scale', …) → tensor."""
+
+    @abstractmethod
+    def dequantize(self, tensors: dict[str, torch.Tensor], shape: tuple[int, int]) -> torch.Tensor:
+        """Read stored tensors back into an fp32 [N, K] weight (the inverse of pack, for verify and tests)."""
+
+    @abstractmethod
+    def layout(self, shape: tuple[int, int]) -> OutputLayout:
+        """The tensors `pack` will produce for a weight of this shape (planned before any data is read)."""
+
+    def marker(self) -> dict:
+        """The `.comfy_quant` entries besides `orig_dtype`."""
+        return {"format": self.name}
+
+    def reconstruct(self, codes: torch.Tensor, grid: Grid) -> torch.Tensor:
+        """The fp32 [N, K] weight the stored codes stand for (cheaper than pack + dequantize)."""
+        n, k = grid.extra["shape"]
+        return (codes * grid.scale)[:n, :k]
+
+    def describe(self) -> str:
+        return self.name

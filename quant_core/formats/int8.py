@@ -1,0 +1,93 @@
+"""`int8_tensorwise`: symmetric INT8 with one scale per tensor ([]) or per output row ([N, 1]); optional ConvRot.
+
+ConvRot stores W·Hᵀ, H the block-diagonal normalized Hadamard of size G (Kronecker power of a 4×4 Hadamard);
+ComfyUI rotates the activations online by the same H, so the product is unchanged and outliers are spread.
+"""
+from __future__ import annotations
+
+import torch
+
+from .base import Format, Grid
+
+INT8_MAX = 127.0
+MIN_SCALE = 1e-30  # an all-zero row/tensor still gets a finite, positive scale
+
+_HADAMARD_4 = torch.tensor([[1, 1, 1, -1], [1, 1, -1, 1], [1, -1, 1, 1], [-1, 1, 1, 1]], dtype=torch.float64)
+
+
+def is_power_of_4(n: int) -> bool:
+    return n >= 4 and n & (n - 1) == 0 and (n.bit_length() - 1) % 2 == 0
+
+
+def hadamard(size: int, device=None) -> torch.Tensor:
+    """Normalized Hadamard of `size` (a power of 4), symmetric and orthogonal, fp32."""
+    if not is_power_of_4(size):
+        raise ValueError(f"ConvRot group size must be a power of 4 (4, 16, 64, 256, …), got {size}")
+    h = _HADAMARD_4
+    while h.shape[0] < size:
+        h = torch.kron(h, _HADAMARD_4)
+    return (h / size ** 0.5).to(device=device, dtype=torch.float32)
+
+
+def rotate(weight: torch.Tensor, group_size: int) -> torch.Tensor:
+    """W·Hᵀ applied to each group of `group_size` input columns. Its own inverse (H is symmetric, orthogonal)."""
+    n, k = weight.shape
+    h = hadamard(group_size, weight.device)
+    return (weight.reshape(n, k // group_size, group_size) @ h.T).reshape(n, k)
+
+
+class Int8Tensorwise(Format):
+    name = "int8_tensorwise"
+
+    def __init__(self, per_row: bool = True, convrot_group: int = 0):
+        if convrot_group and not per_row:
+            raise ValueError("ConvRot needs per-row INT8 scales (--scaling_mode row)")
+        if convrot_group and not is_power_of_4(convrot_group):
+            raise ValueError(f"ConvRot group size must be a power of 4 (4, 16, 64, 256, …), got {convrot_group}")
+        self.per_row = per_row
+        self.convrot_group = convrot_group
+        self.label = "int8_row" if per_row else "int8_tensor"
+        if convrot_group:
+            self.label = f"int8_convrot{convrot_group}"
+
+    def fit(self, shape):
+        if self.convrot_group and shape[1] % self.convrot_group:
+            return f"K={shape[1]} is not a multiple of the ConvRot group size {self.convrot_group}"
+        return None
+
+    def grid(self, weight):
+        work = rotate(weight, self.convrot_group) if self.convrot_group else weight
+        if self.per_row:
+            amax = work.abs().amax(dim=1, keepdim=True)
+        else:
+            amax = work.abs().amax()
+        scale = (amax / INT8_MAX).clamp(min=MIN_SCALE)
+        return Grid(work, scale, {"shape": tuple(weight.shape)})
+
+    def round(self, scaled):
+        return scaled.round().clamp(-INT8_MAX, INT8_MAX)
+
+    def pack(self, codes, grid):
+        return {"weight": codes.to(torch.int8), "weight_scale": grid.scale.float().contiguous()}
+
+    def dequantize(self, tensors, shape):
+        weight = tensors["weight"].float() * tensors["weight_scale"].float()
+        return rotate(weight, self.convrot_group) if self.convrot_group else weight
+
+    def reconstruct(self, codes, grid):
+        weight = codes * grid.scale
+        return rotate(weight, self.convrot_group) if self.convrot_group else weight
+
+    def layout(self, shape):
+        scale_shape = (shape[0], 1) if self.per_row else ()
+        return [("weight", "I8", tuple(shape)), ("weight_scale", "F32", scale_shape)]
+
+    def marker(self):
+        conf = {"format": self.name}
+        if self.convrot_group:
+            conf.update(convrot=True, convrot_groupsize=self.convrot_group)
+        return conf
+
+    def describe(self):
+        kind = "per-row" if self.per_row else "per-tensor"
+        return f"{self.name} ({kind}{f', ConvRot G={self.convrot_group}' if self.convrot_group else ''})"

@@ -1,0 +1,52 @@
+"""`mxfp8`: FP8-E4M3 values in 32-element blocks along K with a power-of-two E8M0 scale per block (swizzled,
+stored as U8 because ComfyUI's own parser has no F8_E8M0 tag). Byte-for-byte comfy-kitchen's reference layout."""
+from __future__ import annotations
+
+import torch
+
+from .base import Format, Grid
+from .blocked import blocked_shape, from_blocked, pad_to, round_up, to_blocked
+
+BLOCK = 32
+E4M3_MAX = 448.0
+E8M0_BIAS = 127
+
+
+def e8m0_to_float(exponents: torch.Tensor) -> torch.Tensor:
+    """E8M0 bytes → fp32 powers of two (byte 0 reads as 0, as in comfy-kitchen)."""
+    bits = exponents.to(torch.int32) << 23
+    return torch.where(exponents == 0, torch.zeros_like(bits), bits).view(torch.float32)
+
+
+class MXFP8(Format):
+    name = "mxfp8"
+    label = "mxfp8"
+
+    def grid(self, weight):
+        n, k = weight.shape
+        work = pad_to(weight, BLOCK, BLOCK)
+        amax = work.reshape(work.shape[0], -1, BLOCK).abs().amax(dim=-1)
+        needed = (amax / E4M3_MAX).clamp(min=2.0 ** -127)
+        exponents = (torch.ceil(torch.log2(needed)).to(torch.int32) + E8M0_BIAS).clamp(0, 254).to(torch.uint8)
+        zero = amax == 0
+        block_scale = torch.where(zero, torch.ones_like(amax), e8m0_to_float(exponents))
+        exponents = torch.where(zero, torch.zeros_like(exponents), exponents)
+        # zero blocks divide by 1 (giving 0) but are stored with exponent byte 0, like the reference
+        return Grid(work, block_scale.repeat_interleave(BLOCK, dim=1), {"shape": (n, k), "exponents": exponents})
+
+    def round(self, scaled):
+        return scaled.clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn).float()
+
+    def pack(self, codes, grid):
+        return {"weight": codes.to(torch.float8_e4m3fn), "weight_scale": to_blocked(grid.extra["exponents"])}
+
+    def dequantize(self, tensors, shape):
+        n, k = shape
+        data = tensors["weight"]
+        exponents = from_blocked(tensors["weight_scale"].view(torch.uint8), data.shape[0], data.shape[1] // BLOCK)
+        scale = e8m0_to_float(exponents).repeat_interleave(BLOCK, dim=1)
+        return (data.float() * scale)[:n, :k]
+
+    def layout(self, shape):
+        np_, kp = round_up(shape[0], BLOCK), round_up(shape[1], BLOCK)
+        return [("weight", "F8_E4M3", (np_, kp)), ("weight_scale", "U8", blocked_shape(np_, kp // BLOCK))]

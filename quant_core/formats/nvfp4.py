@@ -1,0 +1,76 @@
+"""`nvfp4`: E2M1 codes in 16-element blocks along K, an FP8-E4M3 scale per block (swizzled) and one fp32
+global scale. Element 2i goes in the high nibble. Byte-for-byte the layout of comfy-kitchen's reference quantizer."""
+from __future__ import annotations
+
+import torch
+
+from .base import Format, Grid
+from .blocked import blocked_shape, from_blocked, pad_to, round_up, to_blocked
+
+BLOCK = 16
+E2M1_MAX = 6.0
+E4M3_MAX = 448.0
+E2M1_VALUES = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0])
+# Midpoints between neighbouring magnitudes. A value exactly on a midpoint rounds to the even code: bucketize
+# sends ties down, so the midpoints whose upper neighbour has the even code get +1.
+_MIDPOINTS = (E2M1_VALUES[:-1] + E2M1_VALUES[1:]) / 2
+_TIES_UP = _MIDPOINTS[1::2]
+
+
+def e2m1_codes(scaled: torch.Tensor) -> torch.Tensor:
+    """fp32 values (already within ±6) → 4-bit codes (uint8, bit 3 = sign), round to nearest even."""
+    magnitude = scaled.abs()
+    index = torch.bucketize(magnitude, _MIDPOINTS.to(scaled.device))
+    for tie in _TIES_UP.tolist():
+        index += magnitude == tie
+    return index.to(torch.uint8) | (torch.signbit(scaled).to(torch.uint8) << 3)
+
+
+def e2m1_values(codes: torch.Tensor) -> torch.Tensor:
+    values = E2M1_VALUES.to(codes.device)[(codes & 7).long()]
+    return torch.where((codes & 8) != 0, -values, values)
+
+
+class NVFP4(Format):
+    name = "nvfp4"
+    label = "nvfp4"
+
+    def grid(self, weight, global_scale: torch.Tensor | None = None):
+        n, k = weight.shape
+        work = pad_to(weight, BLOCK, BLOCK)
+        blocks = work.reshape(work.shape[0], -1, BLOCK)
+        if global_scale is None:
+            global_scale = (weight.abs().amax() / (E4M3_MAX * E2M1_MAX)).clamp(min=1e-30)
+        global_scale = global_scale.float().reshape(())
+        block_scale = blocks.abs().amax(dim=-1) / E2M1_MAX
+        block_fp8 = (block_scale / global_scale).clamp(max=E4M3_MAX).to(torch.float8_e4m3fn)
+        total = global_scale * block_fp8.float()
+        scale = total.repeat_interleave(BLOCK, dim=1)
+        return Grid(work, scale, {"shape": (n, k), "block_fp8": block_fp8, "global": global_scale})
+
+    def round(self, scaled):
+        return e2m1_values(e2m1_codes(scaled.clamp(-E2M1_MAX, E2M1_MAX)))
+
+    def pack(self, codes, grid):
+        nibbles = e2m1_codes(codes) if codes.dtype != torch.uint8 else codes
+        packed = (nibbles[:, 0::2] << 4) | nibbles[:, 1::2]
+        return {
+            "weight": packed.contiguous(),
+            "weight_scale": to_blocked(grid.extra["block_fp8"]),
+            "weight_scale_2": grid.extra["global"].reshape(()),
+        }
+
+    def dequantize(self, tensors, shape):
+        n, k = shape
+        packed = tensors["weight"]
+        np_, kp = packed.shape[0], packed.shape[1] * 2
+        nibbles = torch.stack([packed >> 4, packed & 15], dim=-1).reshape(np_, kp)
+        block_fp8 = from_blocked(tensors["weight_scale"], np_, kp // BLOCK)
+        total = tensors["weight_scale_2"].float() * block_fp8.float()
+        return (e2m1_values(nibbles) * total.repeat_interleave(BLOCK, dim=1))[:n, :k]
+
+    def layout(self, shape):
+        np_, kp = round_up(shape[0], BLOCK), round_up(shape[1], BLOCK)
+        return [("weight", "U8", (np_, kp // 2)),
+                ("weight_scale", "F8_E4M3", blocked_shape(np_, kp // BLOCK)),
+                ("weight_scale_2", "F32", ())]

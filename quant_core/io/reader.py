@@ -1,0 +1,253 @@
+"""Streaming safetensors reader with the seed's loader API.
+
+The header is parsed and validated up front; tensor bytes are read with plain `readinto` calls (never mmap), so
+the only resident memory is the tensors the caller currently holds. That is what keeps `--low-memory` flat.
+"""
+from __future__ import annotations
+
+import json
+import os
+import queue
+import threading
+from dataclasses import dataclass
+from typing import Iterable, Iterator
+
+import torch
+
+from ..errors import QuantError
+from .dtypes import SAFETENSORS_DTYPES, element_size, torch_dtype
+
+MAX_HEADER_BYTES = 100 * 1024 * 1024  # the safetensors reference implementation's own limit
+PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl", ".pickle")
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Where one tensor lives in the file. `start`/`end` are absolute file offsets in bytes."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    start: int
+    end: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.start
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+
+def _looks_like_pickle(head: bytes) -> bool:
+    # zip container (torch.save >= 1.6) or a raw pickle stream (protocol 2+ starts with 0x80)
+    return head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"
+
+
+def _reject_duplicates(pairs):
+    seen = {}
+    for key, value in pairs:
+        if key in seen:
+            raise ValueError(f"duplicate key {key!r}")
+        seen[key] = value
+    return seen
+
+
+def read_header(path: str) -> tuple[dict[str, TensorInfo], dict[str, str], int]:
+    """Parse and validate a safetensors header.
+
+    Returns (tensors in file order, `__metadata__` dict, data start offset in bytes). Raises QuantError with a
+    one-line message for anything that is not a well-formed safetensors file.
+    """
+    if path.lower().endswith(PICKLE_SUFFIXES):
+        raise QuantError(f"{path}: pickle checkpoints are refused (they can run code when loaded); "
+                         "convert it to .safetensors with a tool you trust first")
+    try:
+        size = os.path.getsize(path)
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if _looks_like_pickle(head):
+                raise QuantError(f"{path}: this is a pickle/zip checkpoint, not safetensors; it is refused, never unpickled")
+            if len(head) < 8:
+                raise QuantError(f"{path}: not a safetensors file ({size} bytes, too short for a header)")
+            header_len = int.from_bytes(head, "little")
+            if header_len == 0 or header_len > MAX_HEADER_BYTES or 8 + header_len > size:
+                raise QuantError(f"{path}: not a safetensors file or truncated (header length {header_len}, file size {size})")
+            raw = f.read(header_len)
+    except OSError as e:
+        raise QuantError(f"{path}: cannot read: {e.strerror or e}") from None
+    try:
+        header = json.loads(raw.decode("utf-8"), object_pairs_hook=_reject_duplicates)
+    except (UnicodeDecodeError, ValueError) as e:
+        raise QuantError(f"{path}: malformed safetensors header JSON ({e})") from None
+    if not isinstance(header, dict):
+        raise QuantError(f"{path}: malformed safetensors header (not a JSON object)")
+    data_start = 8 + header_len
+    metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise QuantError(f"{path}: malformed __metadata__ (must map strings to strings)")
+    tensors = _validate_entries(path, header, data_start, size)
+    return tensors, metadata, data_start
+
+
+def _validate_entries(path: str, header: dict, data_start: int, size: int) -> dict[str, TensorInfo]:
+    infos = []
+    for name, entry in header.items():
+        try:
+            dtype, shape, (begin, end) = entry["dtype"], entry["shape"], entry["data_offsets"]
+        except (TypeError, KeyError, ValueError):
+            raise QuantError(f"{path}: header entry {name!r} is malformed") from None
+        if dtype not in SAFETENSORS_DTYPES:
+            raise QuantError(f"{path}: tensor {name!r} has unknown dtype {dtype!r}")
+        if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
+            raise QuantError(f"{path}: tensor {name!r} has an invalid shape {shape!r}")
+        if not (isinstance(begin, int) and isinstance(end, int) and 0 <= begin <= end):
+            raise QuantError(f"{path}: tensor {name!r} has invalid data offsets {[begin, end]}")
+        info = TensorInfo(name, dtype, tuple(shape), data_start + begin, data_start + end)
+        if info.nbytes != info.numel * element_size(dtype):
+            raise QuantError(f"{path}: tensor {name!r} shape {list(shape)} {dtype} needs "
+                             f"{info.numel * element_size(dtype)} bytes but its offsets span {info.nbytes}")
+        if info.end > size:
+            raise QuantError(f"{path}: truncated: tensor {name!r} ends at byte {info.end} but the file has {size}")
+        infos.append(info)
+    by_offset = sorted(infos, key=lambda i: (i.start, i.end))
+    for prev, cur in zip(by_offset, by_offset[1:]):
+        if cur.start < prev.end and cur.nbytes and prev.nbytes:
+            raise QuantError(f"{path}: tensors {prev.name!r} and {cur.name!r} overlap in the file")
+    return {info.name: info for info in infos}
+
+
+class SafetensorsReader:
+    """The seed's `UnifiedSafetensorsLoader` API over a validated header.
+
+    low_memory=False preloads every tensor (the seed's standard mode, fast random access, ~model size of RAM);
+    low_memory=True reads each tensor on demand and keeps nothing. The converter itself always streams
+    (see `iter_tensors`), which is why its RAM does not grow with the model.
+    """
+
+    def __init__(self, path: str, low_memory: bool = True):
+        self.path = path
+        self.low_memory = low_memory
+        self._infos, self._metadata, self._data_start = read_header(path)
+        self._file = open(path, "rb", buffering=0)
+        self._cache: dict[str, torch.Tensor] = {}
+        if not low_memory:
+            for name in self._infos:
+                self._cache[name] = self._read(self._infos[name])
+
+    # --- the seed's API -------------------------------------------------------------------------------------
+    def keys(self) -> list[str]:
+        return list(self._infos)
+
+    def metadata(self) -> dict[str, str]:
+        return dict(self._metadata)
+
+    def get_shape(self, key: str) -> tuple[int, ...]:
+        return self.info(key).shape
+
+    def get_ndim(self, key: str) -> int:
+        return len(self.info(key).shape)
+
+    def get_tensor(self, key: str) -> torch.Tensor:
+        if key in self._cache:
+            return self._cache[key]
+        return self._read(self.info(key))
+
+    def mark_processed(self, key: str) -> None:
+        self._cache.pop(key, None)
+
+    def close(self) -> None:
+        self._cache.clear()
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    # --- extras ---------------------------------------------------------------------------------------------
+    def info(self, key: str) -> TensorInfo:
+        try:
+            return self._infos[key]
+        except KeyError:
+            raise KeyError(f"{self.path}: no tensor named {key!r}") from None
+
+    def infos(self) -> list[TensorInfo]:
+        return list(self._infos.values())
+
+    def get_dtype(self, key: str) -> str:
+        return self.info(key).dtype
+
+    def _read(self, info: TensorInfo) -> torch.Tensor:
+        dtype = torch_dtype(info.dtype)
+        if info.nbytes == 0:
+            return torch.empty(info.shape, dtype=dtype)
+        buf = torch.empty(info.nbytes, dtype=torch.uint8)
+        view = memoryview(buf.numpy())
+        self._file.seek(info.start)
+        done = 0
+        while done < info.nbytes:
+            n = self._file.readinto(view[done:])
+            if not n:
+                raise QuantError(f"{self.path}: truncated while reading tensor {info.name!r}")
+            done += n
+        return buf.view(dtype).reshape(info.shape)
+
+    def iter_tensors(self, keys: Iterable[str], prefetch_bytes: int = 0) -> Iterator[tuple[str, torch.Tensor]]:
+        """Yield (key, tensor) in the given order. With prefetch_bytes > 0 a reader thread stays up to that many
+        bytes ahead (at least one tensor), overlapping disk reads with quantization."""
+        keys = list(keys)
+        if prefetch_bytes <= 0:
+            for key in keys:
+                yield key, self.get_tensor(key)
+            return
+        yield from _prefetching(self, keys, prefetch_bytes)
+
+
+def _prefetching(reader: SafetensorsReader, keys: list[str], budget: int) -> Iterator[tuple[str, torch.Tensor]]:
+    ready: queue.Queue = queue.Queue()
+    room = threading.Condition()
+    state = {"inflight": 0, "stop": False}
+
+    def produce():
+        try:
+            for key in keys:
+                size = reader.info(key).nbytes
+                with room:
+                    room.wait_for(lambda: state["stop"] or state["inflight"] == 0 or state["inflight"] + size <= budget)
+                    if state["stop"]:
+                        return
+                    state["inflight"] += size
+                ready.put((key, reader.get_tensor(key), size))
+        except BaseException as e:  # hand the error to the consumer, which re-raises it
+            ready.put(e)
+        ready.put(None)
+
+    thread = threading.Thread(target=produce, name="safetensors-prefetch", daemon=True)
+    thread.start()
+    try:
+        while (item := ready.get()) is not None:
+            if isinstance(item, BaseException):
+                raise item
+            key, tensor, size = item
+            yield key, tensor
+            del tensor
+            with room:
+                state["inflight"] -= size
+                room.notify()
+    finally:
+        with room:
+            state["stop"] = True
+            room.notify()
+        thread.join()
+
+
+# The seed's class name, for users of its loader API.
+UnifiedSafetensorsLoader = SafetensorsReader

@@ -1,0 +1,173 @@
+"""Incremental, atomic safetensors writer.
+
+Tensor bytes are appended to a temporary file next to the output as soon as they are produced; the header is
+written last into space reserved at the front (padded with spaces, which JSON allows), so nothing but the tensor
+in hand sits in memory. The file appears under its real name only after fsync, by an atomic link/rename.
+Tensors whose byte size is not a multiple of 8 (markers, odd-length biases) are held back and written at the end,
+so that every large tensor starts 8-byte aligned for loaders that map the file.
+"""
+from __future__ import annotations
+
+import errno
+import json
+import os
+from typing import Iterable
+
+import torch
+
+from ..errors import QuantError
+from .dtypes import tag_of
+
+ALIGN = 8
+DEFER_MAX_BYTES = 1 << 20  # unaligned tensors up to this size are deferred to the end of the file
+OFFSET_DIGITS = 20  # widest offset JSON can hold for a u64
+
+
+def header_reserve(entries: Iterable[tuple[str, str, tuple[int, ...]]], metadata: dict[str, str]) -> int:
+    """Bytes to reserve for the header of a file holding `entries` (name, dtype tag, shape) and `metadata`,
+    with every offset at its widest and room for per-layer fallbacks that rename or add small tensors."""
+    big = 10 ** (OFFSET_DIGITS - 1)
+    header = {name: {"dtype": tag, "shape": list(shape), "data_offsets": [big, big]} for name, tag, shape in entries}
+    header["__metadata__"] = metadata
+    size = len(json.dumps(header, separators=(",", ":")).encode())
+    return _round_up(size + size // 4 + 4096, ALIGN)
+
+
+def _round_up(x: int, multiple: int) -> int:
+    return (x + multiple - 1) // multiple * multiple
+
+
+def _tensor_bytes(tensor: torch.Tensor):
+    """A zero-copy byte view of a CPU tensor (any dtype, including bf16/fp8/bool)."""
+    flat = tensor.detach().contiguous().reshape(-1)
+    return flat.view(torch.uint8).numpy() if flat.numel() else b""
+
+
+class StreamingWriter:
+    """Write a safetensors file tensor by tensor. Use as a context manager: an exception (or a missing
+    `publish()`) removes the temporary file and leaves nothing under the output name."""
+
+    def __init__(self, output: str, reserve: int, overwrite: bool = False):
+        self.output = os.path.abspath(output)
+        self.overwrite = overwrite
+        directory = os.path.dirname(self.output)
+        if not os.path.isdir(directory):
+            raise QuantError(f"{output}: output directory {directory} does not exist")
+        if os.path.exists(self.output) and not overwrite:
+            raise QuantError(f"{output}: already exists; pass --overwrite to replace it")
+        self.temp = os.path.join(directory, f".{os.path.basename(self.output)}.{os.getpid()}.partial")
+        self.reserve = reserve
+        self._entries: dict[str, dict] = {}
+        self._deferred: list[tuple[str, torch.Tensor]] = []
+        self._pos = 0  # bytes of tensor data written so far
+        self._finished = self._published = False
+        try:
+            self._file = open(self.temp, "w+b")
+            self._file.seek(reserve)
+        except OSError as e:
+            raise QuantError(f"{output}: cannot write to {directory}: {e.strerror or e}") from None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if not self._published:
+            self.abort()
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise QuantError(f"{self.output}: disk full while writing; nothing was written") from None
+        return False
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        """Append one tensor (any device; moved to CPU)."""
+        if name in self._entries or any(n == name for n, _ in self._deferred):
+            raise ValueError(f"tensor {name!r} written twice")
+        tensor = tensor.detach().cpu()
+        nbytes = tensor.numel() * tensor.element_size()
+        if nbytes % ALIGN and nbytes <= DEFER_MAX_BYTES:
+            self._deferred.append((name, tensor))
+            return
+        self._write(name, tensor, nbytes)
+
+    def _write(self, name: str, tensor: torch.Tensor, nbytes: int) -> None:
+        self._file.write(_tensor_bytes(tensor))
+        self._entries[name] = {"dtype": tag_of(tensor.dtype), "shape": list(tensor.shape),
+                               "data_offsets": [self._pos, self._pos + nbytes]}
+        self._pos += nbytes
+
+    def finish(self, metadata: dict[str, str]) -> None:
+        """Write the deferred tensors and the header, and fsync. The file is complete but still temporary."""
+        for name, tensor in sorted(self._deferred, key=lambda item: -item[1].element_size()):
+            self._write(name, tensor, tensor.numel() * tensor.element_size())
+        self._deferred.clear()
+        header = dict(self._entries)
+        if metadata:
+            header["__metadata__"] = metadata
+        blob = json.dumps(header, separators=(",", ":")).encode()
+        if len(blob) + 8 > self.reserve:
+            self._shift_data(len(blob))
+        blob = blob.ljust(self.reserve - 8, b" ")
+        self._file.seek(0)
+        self._file.write(len(blob).to_bytes(8, "little") + blob)
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._file.close()
+        self._file = None
+        self._finished = True
+
+    def publish(self) -> str:
+        """Move the finished file under its real name (atomically). Returns the output path."""
+        if not self._finished:
+            raise RuntimeError("publish() before finish()")
+        self._publish()
+        self._published = True
+        return self.output
+
+    def _shift_data(self, header_len: int) -> None:
+        """The reservation was too small (should not happen): move the data back to make room. Slow but correct."""
+        new_reserve = _round_up(header_len + 8, ALIGN)
+        shift = new_reserve - self.reserve
+        self._file.flush()
+        chunk = 64 << 20
+        end = self.reserve + self._pos
+        while end > self.reserve:
+            start = max(self.reserve, end - chunk)
+            self._file.seek(start)
+            data = self._file.read(end - start)
+            self._file.seek(start + shift)
+            self._file.write(data)
+            end = start
+        self.reserve = new_reserve
+
+    def _publish(self) -> None:
+        try:
+            if self.overwrite:
+                os.replace(self.temp, self.output)
+            else:
+                try:
+                    os.link(self.temp, self.output)  # atomic, and fails rather than replace a file that appeared meanwhile
+                except FileExistsError:
+                    raise QuantError(f"{self.output}: appeared while converting; pass --overwrite to replace it") from None
+                except OSError:  # file systems without hard links
+                    os.replace(self.temp, self.output)
+                if os.path.exists(self.temp):
+                    os.unlink(self.temp)
+            dir_fd = os.open(os.path.dirname(self.output), os.O_RDONLY)
+            try:
+                os.fsync(dir_fd)
+            finally:
+                os.close(dir_fd)
+        except BaseException:
+            self._remove_temp()
+            raise
+
+    def abort(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        self._remove_temp()
+
+    def _remove_temp(self) -> None:
+        try:
+            os.unlink(self.temp)
+        except FileNotFoundError:
+            pass

@@ -1,0 +1,88 @@
+"""One validated record of what a conversion should do, shared by the CLI, the library API and the nodes."""
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass
+
+from .errors import QuantError
+from .formats import FAMILIES, FORMAT_FAMILIES, make_format, resolve_scaling
+from .formats.int8 import is_power_of_4
+
+METHODS = ("rtn",)
+VERIFY_LEVELS = ("off", "cheap", "full")
+
+
+@dataclass
+class QuantOptions:
+    """Conversion options. Units: block sizes and group sizes in elements, thresholds in dB, budgets in bytes."""
+
+    format: str = "int8"  # int8 | fp8 | fp8_e5m2 | nvfp4 | mxfp8 | fp16
+    scaling_mode: str | None = None  # tensor | row (axis) | block; None = the format's default
+    block_size: int = 128  # tile size of the explicit block modes
+    convrot: bool = False  # INT8 per-row with a ConvRot (block Hadamard) rotation
+    convrot_group_size: int = 256
+    method: str = "rtn"  # round-to-nearest (`--simple`); learned rounding, GPTQ, QuIP come with the methods issue
+    full_precision_matrix_mult: bool = False
+    presets: tuple[str, ...] = ()
+    exclude_layers: str | None = None  # regex on layer names
+    layer_config: str | dict | None = None  # path to JSON, or the parsed object
+    heur: bool = False
+    quantize_embeddings: bool = False
+    quantize_io_layers: bool = False
+    allow_nonfinite: bool = False
+    low_memory: bool = False
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    prefetch_bytes: int = 512 << 20  # read-ahead in standard mode
+    verify: str = "cheap"
+    report_quality: bool = False
+    quality_threshold: float = 30.0
+    report_path: str | None = None
+    overwrite: bool = False
+    progress: bool = True
+
+    def validate(self) -> "QuantOptions":
+        """Check every field once; raise QuantError with a one-line message. Returns self."""
+        if self.format not in FORMAT_FAMILIES:
+            raise QuantError(f"unknown format {self.format!r} (choose from {', '.join(FORMAT_FAMILIES)})")
+        if self.method not in METHODS:
+            raise QuantError(f"unknown method {self.method!r} (available: {', '.join(METHODS)})")
+        if self.verify not in VERIFY_LEVELS:
+            raise QuantError(f"unknown verify level {self.verify!r} (choose from {', '.join(VERIFY_LEVELS)})")
+        if self.convrot and not is_power_of_4(self.convrot_group_size):
+            raise QuantError(f"--convrot-group-size must be a power of 4 (4, 16, 64, 256, 1024), got {self.convrot_group_size}")
+        if self.block_size < 1:
+            raise QuantError(f"--block_size must be positive, got {self.block_size}")
+        if self.exclude_layers is not None:
+            compile_regex(self.exclude_layers, "--exclude-layers")
+        if self.format != "fp16":
+            try:
+                self.main_format()
+            except ValueError as e:
+                raise QuantError(str(e)) from None
+        from .select.presets import PRESETS  # local: presets import options' helpers
+        unknown = [p for p in self.presets if p not in PRESETS]
+        if unknown:
+            raise QuantError(f"unknown preset {unknown[0]!r} (choose from {', '.join(PRESETS)})")
+        return self
+
+    def main_format(self):
+        """The format module for layers no rule overrides."""
+        group = self.convrot_group_size if self.convrot else 0
+        return make_format(self.format, self.scaling_mode, self.block_size, group)
+
+    def is_legacy(self) -> bool:
+        if self.format == "fp16":
+            return False
+        scaling = resolve_scaling(self.format, self.scaling_mode)
+        return not FAMILIES[self.format][scaling].upstream
+
+    def replace(self, **changes) -> "QuantOptions":
+        return dataclasses.replace(self, **changes)
+
+
+def compile_regex(pattern: str, what: str) -> re.Pattern:
+    try:
+        return re.compile(pattern)
+    except re.error as e:
+        raise QuantError(f"{what}: bad regular expression {pattern!r}: {e}") from None

@@ -1,0 +1,80 @@
+"""The quality report: per-layer weight MSE and SQNR (dB), worst layers first, a summary line, JSON output."""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+
+
+@dataclass
+class LayerStats:
+    layer: str
+    format: str
+    shape: tuple[int, int]
+    mse: float
+    sqnr_db: float  # 10·log10(‖W‖² / ‖W − Ŵ‖²); inf when exact
+    rel_error: float  # ‖W − Ŵ‖ / ‖W‖
+    note: str = ""
+
+
+def sqnr_db(signal_energy: float, noise_energy: float) -> float:
+    if noise_energy == 0:
+        return math.inf
+    if signal_energy == 0:
+        return -math.inf
+    return 10.0 * math.log10(signal_energy / noise_energy)
+
+
+def layer_stats(layer: str, fmt, weight: torch.Tensor, approx: torch.Tensor, note: str = "") -> LayerStats:
+    diff = (weight - approx).double()
+    noise = float(diff.square().sum())
+    signal = float(weight.double().square().sum())
+    return LayerStats(layer, fmt.describe(), tuple(weight.shape), noise / max(weight.numel(), 1),
+                      sqnr_db(signal, noise), math.sqrt(noise / signal) if signal else 0.0, note)
+
+
+class QualityReport:
+    def __init__(self, layers: list[LayerStats], threshold_db: float = 30.0):
+        self.layers = sorted(layers, key=lambda s: s.sqnr_db)  # worst first
+        self.threshold_db = threshold_db
+
+    def below_threshold(self) -> list[LayerStats]:
+        return [s for s in self.layers if s.sqnr_db < self.threshold_db]
+
+    def summary(self) -> str:
+        if not self.layers:
+            return "quality: no quantized layers"
+        finite = [s.sqnr_db for s in self.layers if math.isfinite(s.sqnr_db)]
+        mean = sum(finite) / len(finite) if finite else math.inf
+        worst = self.layers[0]
+        return (f"quality: {len(self.layers)} layers, mean SQNR {mean:.1f} dB, worst {worst.sqnr_db:.1f} dB "
+                f"({worst.layer}), {len(self.below_threshold())} below {self.threshold_db:g} dB")
+
+    def mean_sqnr(self) -> float:
+        finite = [s.sqnr_db for s in self.layers if math.isfinite(s.sqnr_db)]
+        return sum(finite) / len(finite) if finite else math.inf
+
+    def table(self, limit: int | None = 20) -> str:
+        rows = self.layers if limit is None else self.layers[:limit]
+        width = max([len(s.layer) for s in rows] + [5])
+        lines = [f"{'layer':<{width}}  {'format':<28} {'SQNR dB':>8} {'MSE':>11}  note"]
+        for s in rows:
+            flag = "  < threshold" if s.sqnr_db < self.threshold_db else ""
+            lines.append(f"{s.layer:<{width}}  {s.format:<28} {s.sqnr_db:8.2f} {s.mse:11.4e}  {s.note}{flag}")
+        if limit is not None and len(self.layers) > limit:
+            lines.append(f"… {len(self.layers) - limit} more layers (see --report FILE.json)")
+        return "\n".join(lines)
+
+    def to_json(self, extra: dict | None = None) -> dict:
+        return {"summary": self.summary(), "threshold_db": self.threshold_db, "mean_sqnr_db": _finite(self.mean_sqnr()),
+                "layers": [dict(asdict(s), sqnr_db=_finite(s.sqnr_db)) for s in self.layers], **(extra or {})}
+
+    def write_json(self, path: str, extra: dict | None = None) -> None:
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump(self.to_json(extra), f, indent=2)
+
+
+def _finite(x: float):
+    return x if math.isfinite(x) else ("inf" if x > 0 else "-inf")

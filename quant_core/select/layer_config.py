@@ -1,0 +1,125 @@
+"""`--layer-config FILE.json`: per-layer overrides, validated once with errors that name the bad entry.
+
+Schema (first matching rule wins; `match` is a Python regex searched in the layer name, i.e. the weight key
+without `.weight`):
+
+    {"rules": [
+        {"match": "double_blocks\\.0\\.", "skip": true},
+        {"match": "attn\\.qkv", "format": "fp8", "scaling": "tensor"},
+        {"match": "mlp", "format": "int8", "scaling": "row", "convrot": 256, "full_precision_matrix_mult": true},
+        {"match": "txt_mlp", "format": "int8", "scaling": "block", "block_size": 64}
+    ]}
+
+The seed tool's form — an object mapping regex → settings, with an optional "_default" entry and its key names
+("scaling_mode", format names like "float8_e4m3fn" or "int8_tensorwise") — is accepted too.
+"""
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+
+from ..errors import QuantError
+from ..formats import FORMAT_FAMILIES, Format, make_format
+
+RULE_KEYS = {"match", "skip", "format", "scaling", "block_size", "convrot", "full_precision_matrix_mult"}
+SEED_KEY_ALIASES = {"scaling_mode": "scaling", "group_size": "block_size", "pattern": "match", "regex": "match",
+                    "convrot_group_size": "convrot"}
+SEED_IGNORED_KEYS = {"simple"}  # every method here is chosen globally; `simple` only restates the default
+# Format names as the seed writes them → (family, scaling)
+FORMAT_NAME_ALIASES = {
+    "float8_e4m3fn": ("fp8", "tensor"), "float8_e5m2": ("fp8_e5m2", "tensor"),
+    "int8_tensorwise": ("int8", None), "int8_blockwise": ("int8", "block"),
+    "float8_e4m3fn_rowwise": ("fp8", "row"), "float8_e4m3fn_blockwise": ("fp8", "block"),
+}
+
+
+@dataclass(frozen=True)
+class LayerRule:
+    index: int
+    pattern: re.Pattern
+    skip: bool = False
+    format: Format | None = None  # None: the run's main format
+    full_precision_matrix_mult: bool | None = None
+
+    def describe(self) -> str:
+        return f"layer-config rule {self.index} ({self.pattern.pattern!r})"
+
+
+def load_layer_config(source, defaults) -> list[LayerRule]:
+    """Parse a path or an already-loaded object into rules. `defaults` supplies block size / scaling fallbacks."""
+    where = source if isinstance(source, str) else "layer config"
+    if isinstance(source, str):
+        try:
+            with open(source, encoding="utf-8") as f:
+                source = json.load(f)
+        except OSError as e:
+            raise QuantError(f"{where}: cannot read layer config: {e.strerror or e}") from None
+        except ValueError as e:
+            raise QuantError(f"{where}: malformed layer config JSON: {e}") from None
+    entries = _entries(source, where)
+    return [_rule(i, entry, where, defaults) for i, entry in enumerate(entries)]
+
+
+def _entries(config, where: str) -> list[dict]:
+    if isinstance(config, dict) and "rules" in config:
+        rules = config["rules"]
+        if not isinstance(rules, list):
+            raise QuantError(f"{where}: 'rules' must be a list of objects")
+        return rules
+    if isinstance(config, dict):  # the seed's {regex: settings} form; "_default" applies to everything
+        entries = [dict(settings, match=pattern) if isinstance(settings, dict) else settings
+                   for pattern, settings in config.items() if pattern != "_default"]
+        if "_default" in config:
+            default = config["_default"]
+            entries.append(dict(default, match="") if isinstance(default, dict) else default)
+        return entries
+    raise QuantError(f"{where}: a layer config is a JSON object with a 'rules' list")
+
+
+def _rule(index: int, entry, where: str, defaults) -> LayerRule:
+    name = f"{where}: rule {index}"
+    if not isinstance(entry, dict):
+        raise QuantError(f"{name}: must be a JSON object, got {type(entry).__name__}")
+    entry = {SEED_KEY_ALIASES.get(k, k): v for k, v in entry.items() if k not in SEED_IGNORED_KEYS}
+    unknown = sorted(set(entry) - RULE_KEYS)
+    if unknown:
+        raise QuantError(f"{name}: unknown key {unknown[0]!r} (allowed: {', '.join(sorted(RULE_KEYS))})")
+    if not isinstance(entry.get("match"), str):
+        raise QuantError(f"{name}: needs a 'match' regex string")
+    try:
+        pattern = re.compile(entry["match"])
+    except re.error as e:
+        raise QuantError(f"{name}: bad regex {entry['match']!r}: {e}") from None
+    name = f"{where}: rule {index} ({entry['match']!r})"
+    skip = entry.get("skip", False)
+    if not isinstance(skip, bool):
+        raise QuantError(f"{name}: 'skip' must be true or false")
+    fpmm = entry.get("full_precision_matrix_mult")
+    if fpmm is not None and not isinstance(fpmm, bool):
+        raise QuantError(f"{name}: 'full_precision_matrix_mult' must be true or false")
+    fmt = None if skip or not ({"format", "scaling", "block_size", "convrot"} & set(entry)) else _format(entry, name, defaults)
+    return LayerRule(index, pattern, skip, fmt, fpmm)
+
+
+def _format(entry: dict, name: str, defaults) -> Format:
+    family, scaling = entry.get("format", defaults.format), entry.get("scaling")
+    if family in FORMAT_NAME_ALIASES:
+        family, implied = FORMAT_NAME_ALIASES[family]
+        scaling = scaling or implied
+    if family not in FORMAT_FAMILIES or family == "fp16":
+        raise QuantError(f"{name}: unknown format {family!r} (choose from {', '.join(f for f in FORMAT_FAMILIES if f != 'fp16')})")
+    block_size = entry.get("block_size", defaults.block_size)
+    convrot = entry.get("convrot", 0)
+    if convrot is True:
+        convrot = defaults.convrot_group_size
+    if not isinstance(block_size, int) or isinstance(block_size, bool) or block_size < 1:
+        raise QuantError(f"{name}: 'block_size' must be a positive integer")
+    if not isinstance(convrot, int):
+        raise QuantError(f"{name}: 'convrot' must be false or a group size (power of 4)")
+    if scaling is None and family == defaults.format:
+        scaling = defaults.scaling_mode
+    try:
+        return make_format(family, scaling, block_size, convrot or 0)
+    except ValueError as e:
+        raise QuantError(f"{name}: {e}") from None
