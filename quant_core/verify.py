@@ -329,8 +329,15 @@ def _compare_passthrough(reader, source, confs: dict, result: VerifyResult) -> N
     missing = [key for key in source.keys() if key not in reader.keys()]
     if missing:
         result.warnings.append(f"{len(missing)} reference tensors are not in the output (e.g. {missing[0]})")
+    corrected_biases = []
     for key in reader.keys():
         if key in companions:
+            continue
+        if key.endswith(".bias") and key[: -len(".bias")] in confs and key in source.keys():
+            if not _bias_ok(reader.get_tensor(key), source.get_tensor(key), key, result):
+                continue
+            if not _same_bytes(reader.get_tensor(key), source.get_tensor(key)):
+                corrected_biases.append(key)
             continue
         if key not in source.keys():
             result.defects.append(f"{key}: not in the reference file and not part of a quantized layer")
@@ -343,6 +350,18 @@ def _compare_passthrough(reader, source, confs: dict, result: VerifyResult) -> N
         elif out.dtype != ref.dtype and out.is_floating_point() and ref.is_floating_point() and \
                 not torch.equal(out, ref.to(out.dtype)):
             result.defects.append(f"{key}: kept tensor differs from the reference beyond a dtype cast")
+    if corrected_biases:
+        result.warnings.append(f"{len(corrected_biases)} biases of quantized layers differ from the reference "
+                               f"(bias correction; e.g. {corrected_biases[0]})")
+
+
+def _bias_ok(out: torch.Tensor, ref: torch.Tensor, key: str, result: VerifyResult) -> bool:
+    """Biases of quantized layers may be corrected, but keep their shape and floating dtype."""
+    if out.shape != ref.shape or not out.is_floating_point() or not bool(torch.isfinite(out).all()):
+        result.defects.append(f"{key}: bias of a quantized layer has shape {list(out.shape)} {out.dtype}, "
+                              f"expected {list(ref.shape)} floating point and finite")
+        return False
+    return True
 
 
 def _same_bytes(a: torch.Tensor, b: torch.Tensor) -> bool:

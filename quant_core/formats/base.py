@@ -40,6 +40,7 @@ class Format(ABC):
     name: str  # the `format` string written into `.comfy_quant`
     upstream: bool = True  # loadable by upstream ComfyUI (v0.27+)
     label: str  # short label for file names and tables
+    heur_block: int = 16  # dimension granularity `--heur` asks of a layer (GEMM tile alignment)
 
     def fit(self, shape: tuple[int, ...]) -> str | None:
         """Why this format cannot hold a weight of this shape, or None if it can."""

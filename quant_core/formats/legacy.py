@@ -28,6 +28,7 @@ class _Tiled(Format):
 
     def __init__(self, block_size: int):
         self.block = block_size
+        self.heur_block = block_size
 
     def fit(self, shape):
         if shape[0] % self.block or shape[1] % self.block:

@@ -21,6 +21,7 @@ def e8m0_to_float(exponents: torch.Tensor) -> torch.Tensor:
 class MXFP8(Format):
     name = "mxfp8"
     label = "mxfp8"
+    heur_block = BLOCK
 
     def grid(self, weight):
         n, k = weight.shape

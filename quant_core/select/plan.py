@@ -91,7 +91,7 @@ def _decide(info, options, main, rules, exclude, presets, matched_rules) -> Deci
         fmt = rule.format or main
         fpmm = fpmm if rule.full_precision_matrix_mult is None else rule.full_precision_matrix_mult
     else:
-        reason = _keep_reason(layer, info, options, exclude, presets)
+        reason = _keep_reason(layer, info, options, exclude, presets, fmt)
         if reason:
             return Decision(info.name, KEEP, reason)
     return _fit(info, fmt, fpmm)
@@ -105,17 +105,17 @@ def _why_not_candidate(info: TensorInfo) -> str:
     return f"{len(info.shape)}-D weight (only Linear weights are quantized)"
 
 
-def _keep_reason(layer: str, info: TensorInfo, options, exclude, presets) -> str:
+def _keep_reason(layer: str, info: TensorInfo, options, exclude, presets, fmt: Format) -> str:
     if exclude is not None and exclude.search(layer):
         return "--exclude-layers"
     for preset in presets:
-        if preset.keeps(layer):
+        if preset.keeps(info.name):
             return f"kept by --{preset.name}"
     for keep in DEFAULT_KEEPS:
         if keep.applies(layer, options):
             return keep.reason
     if options.heur:
-        why = poor_shape_reason(info.shape)
+        why = poor_shape_reason(info.shape, fmt.heur_block)
         if why:
             return f"--heur: {why}"
     if 0 in info.shape:
