@@ -70,12 +70,12 @@ def read_header(path: str) -> tuple[dict[str, TensorInfo], dict[str, str], int]:
         size = os.path.getsize(path)
         with open(path, "rb") as f:
             head = f.read(8)
-            if _looks_like_pickle(head):
-                raise QuantError(f"{path}: this is a pickle/zip checkpoint, not safetensors; it is refused, never unpickled")
-            if len(head) < 8:
-                raise QuantError(f"{path}: not a safetensors file ({size} bytes, too short for a header)")
             header_len = int.from_bytes(head, "little")
-            if header_len == 0 or header_len > MAX_HEADER_BYTES or 8 + header_len > size:
+            if len(head) < 8 or header_len == 0 or header_len > MAX_HEADER_BYTES or 8 + header_len > size:
+                if _looks_like_pickle(head):
+                    raise QuantError(f"{path}: this is a pickle/zip checkpoint, not safetensors; it is refused, never unpickled")
+                if len(head) < 8:
+                    raise QuantError(f"{path}: not a safetensors file ({size} bytes, too short for a header)")
                 raise QuantError(f"{path}: not a safetensors file or truncated (header length {header_len}, file size {size})")
             raw = f.read(header_len)
     except OSError as e:
