@@ -14,8 +14,15 @@ __version__ = "0.1.0"
 def quantize(input: str, output: str | None = None, **options):
     """Convert `input` to a quantized file. Keyword options are the fields of `QuantOptions` (same names as the
     CLI's long flags, with underscores). Returns a `ConvertResult` (output path, plan, quality report, verify)."""
+    import dataclasses
+
     from .convert import convert
+    from .errors import QuantError
     from .options import QuantOptions
+    known = {f.name for f in dataclasses.fields(QuantOptions)}
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise QuantError(f"unknown option {unknown[0]!r} (options: {', '.join(sorted(known))})")
     options.setdefault("progress", False)
     return convert(input, output, QuantOptions(**options))
 

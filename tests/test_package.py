@@ -1,0 +1,36 @@
+"""Layout rules: quant_core never imports comfy; the pack's __init__ loads without ComfyUI; the demo runs."""
+import ast
+import importlib.util
+import os
+import pathlib
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+
+def test_quant_core_never_imports_comfy():
+    for path in (ROOT / "quant_core").rglob("*.py"):
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                names = [node.module]
+            for name in names:
+                assert name.split(".")[0] not in ("comfy", "folder_paths", "comfy_api", "nodes"), (path, name)
+
+
+def test_pack_init_loads_without_comfyui():
+    spec = importlib.util.spec_from_file_location("quant_pack", ROOT / "__init__.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.WEB_DIRECTORY == "./web" and os.path.isdir(ROOT / "web")
+
+
+def test_demo_converts_and_verifies_every_format(capsys):
+    from quant_core.demo import DEMO_RUNS, run_demo
+    assert run_demo([]) == 0
+    out = capsys.readouterr().out
+    assert out.count(" ok") == len(DEMO_RUNS) and "FAILED" not in out
+    for name in ("int8 per-row", "ConvRot", "fp8 e4m3fn", "fp8 e5m2", "nvfp4", "mxfp8"):
+        assert name in out
