@@ -70,6 +70,8 @@ NOT_YET = [
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="convert_to_quant",
+        usage="convert_to_quant -i INPUT [-o OUTPUT] [options]   |   convert_to_quant verify FILE [--reference SRC]"
+              "   |   convert_to_quant demo",
         description="Quantize a safetensors checkpoint into a file stock ComfyUI (v0.27+) loads. Default: INT8 with "
                     "per-row scales (int8_tensorwise, [N,1] scales), round-to-nearest, verified after writing.",
         epilog="Subcommands: `verify OUT.safetensors [--reference SRC]`, `demo`. "
@@ -151,7 +153,7 @@ def _add_memory_group(parser):
 def _add_not_yet_group(parser):
     later = parser.add_argument_group("Not yet available (accepted names of the seed; refused when used)")
     for names, takes_value, what in NOT_YET:
-        kwargs = {"nargs": "*"} if takes_value else {"action": "store_true"}
+        kwargs = {"nargs": "*", "metavar": "V"} if takes_value else {"action": "store_true"}
         later.add_argument(*names, dest=f"notyet_{names[0].lstrip('-').replace('-', '_')}", default=None,
                            help=f"[{what}: not in this version]", **kwargs)
 

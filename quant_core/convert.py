@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from dataclasses import dataclass, field
@@ -144,9 +145,8 @@ def _quantize_layer(decision: Decision, tensor: torch.Tensor, writer: StreamingW
                     options: QuantOptions, path: str):
     """Quantize and write one layer. Returns (marker conf, stats), or (None, why) if it was kept instead."""
     weight = tensor.to(device=device, dtype=torch.float32, non_blocking=True)
-    finite = torch.isfinite(weight)
-    if not bool(finite.all()):
-        bad = int((~finite).sum())
+    if not math.isfinite(float(weight.sum())):  # one cheap pass; NaN and Inf both propagate into the sum
+        bad = int((~torch.isfinite(weight)).sum())
         if not options.allow_nonfinite:
             raise QuantError(f"{path}: layer {decision.layer} has {bad} NaN/Inf values; fix the checkpoint or pass "
                              "--allow-nonfinite to keep such layers in high precision")

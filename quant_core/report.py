@@ -28,9 +28,9 @@ def sqnr_db(signal_energy: float, noise_energy: float) -> float:
 
 
 def layer_stats(layer: str, fmt, weight: torch.Tensor, approx: torch.Tensor, note: str = "") -> LayerStats:
-    diff = (weight - approx).double()
-    noise = float(diff.square().sum())
-    signal = float(weight.double().square().sum())
+    """Error statistics of `approx` against `weight`. Consumes `approx` (the difference is formed in place)."""
+    noise = float(torch.linalg.vector_norm(approx.sub_(weight))) ** 2
+    signal = float(torch.linalg.vector_norm(weight)) ** 2
     return LayerStats(layer, fmt.describe(), tuple(weight.shape), noise / max(weight.numel(), 1),
                       sqnr_db(signal, noise), math.sqrt(noise / signal) if signal else 0.0, note)
 

@@ -29,7 +29,9 @@ class Grid:
 
 
 def divide_by_scale(values: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """values / scale, with 0 where the scale is 0 (all-zero blocks)."""
+    """values / scale (a new tensor), with 0 where the scale is 0 (all-zero blocks)."""
+    if not bool((scale == 0).any()):
+        return values / scale
     safe = torch.where(scale == 0, torch.ones_like(scale), scale)
     return torch.where(scale == 0, torch.zeros_like(values), values / safe)
 
@@ -52,7 +54,8 @@ class Format(ABC):
 
     @abstractmethod
     def round(self, scaled: torch.Tensor) -> torch.Tensor:
-        """Snap values already divided by the scale to the nearest representable code (returned as floats)."""
+        """Snap values already divided by the scale to the nearest representable code (returned as floats).
+        May work in place on `scaled` (callers pass a tensor they own)."""
 
     @abstractmethod
     def pack(self, codes: torch.Tensor, grid: Grid) -> dict[str, torch.Tensor]:
@@ -71,9 +74,10 @@ class Format(ABC):
         return {"format": self.name}
 
     def reconstruct(self, codes: torch.Tensor, grid: Grid) -> torch.Tensor:
-        """The fp32 [N, K] weight the stored codes stand for (cheaper than pack + dequantize)."""
+        """The fp32 [N, K] weight the stored codes stand for (cheaper than pack + dequantize). Consumes `codes`:
+        the result may be computed in its memory."""
         n, k = grid.extra["shape"]
-        return (codes * grid.scale)[:n, :k]
+        return codes.mul_(grid.scale)[:n, :k]
 
     def describe(self) -> str:
         return self.name

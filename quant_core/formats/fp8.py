@@ -25,7 +25,7 @@ class Float8Tensorwise(Format):
         return Grid(weight, scale, {"shape": tuple(weight.shape)})
 
     def round(self, scaled):
-        return scaled.clamp(-self.max, self.max).to(self.dtype).float()
+        return scaled.clamp_(-self.max, self.max).to(self.dtype).float()
 
     def pack(self, codes, grid):
         return {"weight": codes.to(self.dtype), "weight_scale": grid.scale.float().reshape(())}

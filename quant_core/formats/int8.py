@@ -65,7 +65,7 @@ class Int8Tensorwise(Format):
         return Grid(work, scale, {"shape": tuple(weight.shape)})
 
     def round(self, scaled):
-        return scaled.round().clamp(-INT8_MAX, INT8_MAX)
+        return scaled.round_().clamp_(-INT8_MAX, INT8_MAX)
 
     def pack(self, codes, grid):
         return {"weight": codes.to(torch.int8), "weight_scale": grid.scale.float().contiguous()}
@@ -75,7 +75,7 @@ class Int8Tensorwise(Format):
         return rotate(weight, self.convrot_group) if self.convrot_group else weight
 
     def reconstruct(self, codes, grid):
-        weight = codes * grid.scale
+        weight = codes.mul_(grid.scale)
         return rotate(weight, self.convrot_group) if self.convrot_group else weight
 
     def layout(self, shape):

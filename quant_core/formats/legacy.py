@@ -63,7 +63,7 @@ class Int8Blockwise(_Tiled):
         return f"int8_block{self.block}"
 
     def round(self, scaled):
-        return scaled.round().clamp(-127.0, 127.0)
+        return scaled.round_().clamp_(-127.0, 127.0)
 
     def _store(self, codes):
         return codes.to(torch.int8)
@@ -79,7 +79,7 @@ class Float8Blockwise(_Tiled):
         return f"fp8_block{self.block}"
 
     def round(self, scaled):
-        return scaled.clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn).float()
+        return scaled.clamp_(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn).float()
 
     def _store(self, codes):
         return codes.to(torch.float8_e4m3fn)
@@ -95,7 +95,7 @@ class Float8Rowwise(Format):
         return Grid(weight, scale, {"shape": tuple(weight.shape)})
 
     def round(self, scaled):
-        return scaled.clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn).float()
+        return scaled.clamp_(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn).float()
 
     def pack(self, codes, grid):
         return {"weight": codes.to(torch.float8_e4m3fn), "weight_scale": grid.scale.float().contiguous()}

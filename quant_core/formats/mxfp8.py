@@ -36,7 +36,7 @@ class MXFP8(Format):
         return Grid(work, block_scale.repeat_interleave(BLOCK, dim=1), {"shape": (n, k), "exponents": exponents})
 
     def round(self, scaled):
-        return scaled.clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn).float()
+        return scaled.clamp_(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn).float()
 
     def pack(self, codes, grid):
         return {"weight": codes.to(torch.float8_e4m3fn), "weight_scale": to_blocked(grid.extra["exponents"])}

@@ -11,24 +11,26 @@ BLOCK = 16
 E2M1_MAX = 6.0
 E4M3_MAX = 448.0
 E2M1_VALUES = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0])
-# Midpoints between neighbouring magnitudes. A value exactly on a midpoint rounds to the even code: bucketize
-# sends ties down, so the midpoints whose upper neighbour has the even code get +1.
-_MIDPOINTS = (E2M1_VALUES[:-1] + E2M1_VALUES[1:]) / 2
-_TIES_UP = _MIDPOINTS[1::2]
 
 
 def e2m1_codes(scaled: torch.Tensor) -> torch.Tensor:
-    """fp32 values (already within ±6) → 4-bit codes (uint8, bit 3 = sign), round to nearest even."""
+    """fp32 values (already within ±6) → 4-bit codes (uint8, bit 3 = sign), round to nearest even.
+
+    The grid has step 0.5 below 2, step 1 up to 4 and step 2 up to 6, and its code is the index of the value, so
+    in each range the code is an offset plus round-half-even of the magnitude in that range's steps — which also
+    sends every midpoint to the even code."""
     magnitude = scaled.abs()
-    index = torch.bucketize(magnitude, _MIDPOINTS.to(scaled.device))
-    for tie in _TIES_UP.tolist():
-        index += magnitude == tie
-    return index.to(torch.uint8) | (torch.signbit(scaled).to(torch.uint8) << 3)
+    code = torch.where(magnitude < 2, torch.round(magnitude * 2),
+                       torch.where(magnitude < 4, torch.round(magnitude) + 2, torch.round(magnitude * 0.5) + 4))
+    return code.to(torch.uint8) | (torch.signbit(scaled).to(torch.uint8) << 3)
+
+
+_SIGNED_VALUES = torch.cat([E2M1_VALUES, -E2M1_VALUES])  # indexed by the 4-bit code
 
 
 def e2m1_values(codes: torch.Tensor) -> torch.Tensor:
-    values = E2M1_VALUES.to(codes.device)[(codes & 7).long()]
-    return torch.where((codes & 8) != 0, -values, values)
+    flat = _SIGNED_VALUES.to(codes.device).index_select(0, codes.reshape(-1).int())
+    return flat.reshape(codes.shape)
 
 
 class NVFP4(Format):
@@ -49,10 +51,10 @@ class NVFP4(Format):
         return Grid(work, scale, {"shape": (n, k), "block_fp8": block_fp8, "global": global_scale})
 
     def round(self, scaled):
-        return e2m1_values(e2m1_codes(scaled.clamp(-E2M1_MAX, E2M1_MAX)))
+        return e2m1_values(e2m1_codes(scaled.clamp_(-E2M1_MAX, E2M1_MAX)))
 
     def pack(self, codes, grid):
-        nibbles = e2m1_codes(codes) if codes.dtype != torch.uint8 else codes
+        nibbles = e2m1_codes(codes)
         packed = (nibbles[:, 0::2] << 4) | nibbles[:, 1::2]
         return {
             "weight": packed.contiguous(),
