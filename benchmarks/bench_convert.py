@@ -107,8 +107,9 @@ def main() -> int:
     print(f"machine: {os.cpu_count()} CPUs, python {sys.version.split()[0]}")
     runs = []
     for fmt in args.formats.split(","):
+        # the same layer set as ctq, which quantizes every 2-D weight (io layers included)
         ours = [sys.executable, "-m", "quant_core", "-i", source, "--simple", "--format", fmt, "--no-progress",
-                "--overwrite", "--verify", "off"]
+                "--overwrite", "--quantize-io-layers", "--quantize-embeddings"]
         runs.append(("quant_core", fmt, "standard", ours + ["-o", os.path.join(workdir, f"ours_{fmt}.safetensors")]))
         runs.append(("quant_core", fmt, "--low-memory",
                      ours + ["--low-memory", "-o", os.path.join(workdir, f"ours_{fmt}_lm.safetensors")]))

@@ -67,8 +67,15 @@ NOT_YET = [
 ]
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """Usage errors as one line (`error: …`, exit 2) instead of the usage block."""
+
+    def error(self, message):
+        raise QuantError(f"{message} (see --help)")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="convert_to_quant",
         usage="convert_to_quant -i INPUT [-o OUTPUT] [options]   |   convert_to_quant verify FILE [--reference SRC]"
               "   |   convert_to_quant demo",
@@ -220,7 +227,7 @@ def print_result(result, options: QuantOptions) -> None:
 
 def run_verify(argv: list[str]) -> int:
     from .verify import verify_file
-    parser = argparse.ArgumentParser(prog="convert_to_quant verify",
+    parser = OneLineParser(prog="convert_to_quant verify",
                                      description="Check a quantized file against ComfyUI's loading contract.")
     parser.add_argument("file")
     parser.add_argument("--reference", help="the source file: rebuild each layer through comfy-kitchen and compare")
