@@ -50,6 +50,7 @@ NOT_YET = [
     (("--calibration-data",), True, "calibration"),
     (("--calibration-lora",), True, "calibration"),
     (("--static-activations",), False, "static activation scales"),
+    (("--actcal",), False, "activation scale calibration"),
     (("--merge-lora",), True, "LoRA merging"),
     (("--merge-loras",), True, "LoRA merging"),
     (("--merge-lora-scale",), True, "LoRA merging"),
@@ -204,8 +205,11 @@ def print_result(result, options: QuantOptions) -> None:
     for d in quantized:
         mix[d.format.describe()] = mix.get(d.format.describe(), 0) + 1
     print(f"wrote {result.output}")
-    print(f"  {len(quantized)} layers quantized ({', '.join(f'{n}× {f}' for f, n in mix.items())}), "
-          f"{len(plan.of('keep'))} tensors kept, {len(plan.of('remove'))} removed")
+    if options.format == "fp16":
+        print(f"  {len(plan.of('keep'))} tensors written (floating-point ones as FP16), {len(plan.of('remove'))} removed")
+    else:
+        print(f"  {len(quantized)} layers quantized ({', '.join(f'{n}× {f}' for f, n in mix.items())}), "
+              f"{len(plan.of('keep'))} tensors kept, {len(plan.of('remove'))} removed")
     print(f"  {result.input_bytes / 1e6:.1f} MB -> {result.output_bytes / 1e6:.1f} MB in {result.seconds:.1f} s")
     for d in plan.fallbacks():
         print(f"  fallback: {d.layer}: {d.reason}")

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from .errors import QuantError
 from .formats import FAMILIES, FORMAT_FAMILIES, make_format, resolve_scaling
 from .formats.int8 import is_power_of_4
+from .select.presets import PRESETS
 
 METHODS = ("rtn",)
 VERIFY_LEVELS = ("off", "cheap", "full")
@@ -60,7 +61,6 @@ class QuantOptions:
                 self.main_format()
             except ValueError as e:
                 raise QuantError(str(e)) from None
-        from .select.presets import PRESETS  # local: presets import options' helpers
         unknown = [p for p in self.presets if p not in PRESETS]
         if unknown:
             raise QuantError(f"unknown preset {unknown[0]!r} (choose from {', '.join(PRESETS)})")

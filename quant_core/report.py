@@ -46,10 +46,8 @@ class QualityReport:
     def summary(self) -> str:
         if not self.layers:
             return "quality: no quantized layers"
-        finite = [s.sqnr_db for s in self.layers if math.isfinite(s.sqnr_db)]
-        mean = sum(finite) / len(finite) if finite else math.inf
         worst = self.layers[0]
-        return (f"quality: {len(self.layers)} layers, mean SQNR {mean:.1f} dB, worst {worst.sqnr_db:.1f} dB "
+        return (f"quality: {len(self.layers)} layers, mean SQNR {self.mean_sqnr():.1f} dB, worst {worst.sqnr_db:.1f} dB "
                 f"({worst.layer}), {len(self.below_threshold())} below {self.threshold_db:g} dB")
 
     def mean_sqnr(self) -> float:
