@@ -28,6 +28,12 @@ class Grid:
     extra: dict = field(default_factory=dict)
 
 
+def exact_div(values: torch.Tensor, divisor: float) -> torch.Tensor:
+    """values / divisor, correctly rounded on every device. (CUDA turns a division by a Python number into a
+    multiplication by its reciprocal, which can differ from the CPU's result in the last bit — and then in a code.)"""
+    return values / torch.tensor(divisor, dtype=values.dtype, device=values.device)
+
+
 def divide_by_scale(values: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """values / scale (a new tensor), with 0 where the scale is 0 (all-zero blocks)."""
     if not bool((scale == 0).any()):

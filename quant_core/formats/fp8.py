@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import Format, Grid
+from .base import Format, Grid, exact_div
 
 MIN_SCALE = 1e-30
 
@@ -21,7 +21,7 @@ class Float8Tensorwise(Format):
         self.label = "fp8" if name == "float8_e4m3fn" else "fp8_e5m2"
 
     def grid(self, weight):
-        scale = (weight.abs().amax() / self.max).clamp(min=MIN_SCALE)
+        scale = exact_div(weight.abs().amax(), self.max).clamp(min=MIN_SCALE)
         return Grid(weight, scale, {"shape": tuple(weight.shape)})
 
     def round(self, scaled):

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import Format, Grid
+from .base import Format, Grid, exact_div
 
 INT8_MAX = 127.0
 MIN_SCALE = 1e-30  # an all-zero row/tensor still gets a finite, positive scale
@@ -61,7 +61,7 @@ class Int8Tensorwise(Format):
             amax = work.abs().amax(dim=1, keepdim=True)
         else:
             amax = work.abs().amax()
-        scale = (amax / INT8_MAX).clamp(min=MIN_SCALE)
+        scale = exact_div(amax, INT8_MAX).clamp(min=MIN_SCALE)
         return Grid(work, scale, {"shape": tuple(weight.shape)})
 
     def round(self, scaled):

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import Format, Grid
+from .base import Format, Grid, exact_div
 
 MIN_SCALE = 1e-30
 E4M3_MAX = 448.0
@@ -36,7 +36,7 @@ class _Tiled(Format):
         return None
 
     def grid(self, weight):
-        scale = (tile_amax(weight, self.block) / self.code_max).clamp(min=MIN_SCALE)
+        scale = exact_div(tile_amax(weight, self.block), self.code_max).clamp(min=MIN_SCALE)
         return Grid(weight, expand_tiles(scale, self.block), {"shape": tuple(weight.shape), "tiles": scale})
 
     def pack(self, codes, grid):
@@ -91,7 +91,7 @@ class Float8Rowwise(Format):
     label = "fp8_row"
 
     def grid(self, weight):
-        scale = (weight.abs().amax(dim=1, keepdim=True) / E4M3_MAX).clamp(min=MIN_SCALE)
+        scale = exact_div(weight.abs().amax(dim=1, keepdim=True), E4M3_MAX).clamp(min=MIN_SCALE)
         return Grid(weight, scale, {"shape": tuple(weight.shape)})
 
     def round(self, scaled):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import Format, Grid
+from .base import Format, Grid, exact_div
 from .blocked import blocked_shape, from_blocked, pad_to, round_up, to_blocked
 
 BLOCK = 32
@@ -27,7 +27,7 @@ class MXFP8(Format):
         n, k = weight.shape
         work = pad_to(weight, BLOCK, BLOCK)
         amax = work.reshape(work.shape[0], -1, BLOCK).abs().amax(dim=-1)
-        needed = (amax / E4M3_MAX).clamp(min=2.0 ** -127)
+        needed = exact_div(amax, E4M3_MAX).clamp(min=2.0 ** -127)
         exponents = (torch.ceil(torch.log2(needed)).to(torch.int32) + E8M0_BIAS).clamp(0, 254).to(torch.uint8)
         zero = amax == 0
         block_scale = torch.where(zero, torch.ones_like(amax), e8m0_to_float(exponents))

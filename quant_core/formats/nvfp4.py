@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import Format, Grid
+from .base import Format, Grid, exact_div
 from .blocked import blocked_shape, from_blocked, pad_to, round_up, to_blocked
 
 BLOCK = 16
@@ -42,9 +42,9 @@ class NVFP4(Format):
         work = pad_to(weight, BLOCK, BLOCK)
         blocks = work.reshape(work.shape[0], -1, BLOCK)
         if global_scale is None:
-            global_scale = (weight.abs().amax() / (E4M3_MAX * E2M1_MAX)).clamp(min=1e-30)
+            global_scale = exact_div(weight.abs().amax(), E4M3_MAX * E2M1_MAX).clamp(min=1e-30)
         global_scale = global_scale.float().reshape(())
-        block_scale = blocks.abs().amax(dim=-1) / E2M1_MAX
+        block_scale = exact_div(blocks.abs().amax(dim=-1), E2M1_MAX)
         block_fp8 = (block_scale / global_scale).clamp(max=E4M3_MAX).to(torch.float8_e4m3fn)
         total = global_scale * block_fp8.float()
         scale = total.repeat_interleave(BLOCK, dim=1)
@@ -54,10 +54,13 @@ class NVFP4(Format):
         return e2m1_values(e2m1_codes(scaled.clamp_(-E2M1_MAX, E2M1_MAX)))
 
     def pack(self, codes, grid):
-        nibbles = e2m1_codes(codes)
-        packed = (nibbles[:, 0::2] << 4) | nibbles[:, 1::2]
+        packed = torch.empty((codes.shape[0], codes.shape[1] // 2), dtype=torch.uint8, device=codes.device)
+        rows_per_chunk = max(1, (1 << 22) // codes.shape[1])  # bounds the temporaries of the code computation
+        for start in range(0, codes.shape[0], rows_per_chunk):
+            nibbles = e2m1_codes(codes[start:start + rows_per_chunk])
+            packed[start:start + rows_per_chunk] = (nibbles[:, 0::2] << 4) | nibbles[:, 1::2]
         return {
-            "weight": packed.contiguous(),
+            "weight": packed,
             "weight_scale": to_blocked(grid.extra["block_fp8"]),
             "weight_scale_2": grid.extra["global"].reshape(()),
         }
