@@ -117,10 +117,11 @@ def _stream(reader: SafetensorsReader, plan: Plan, output_path: str, options: Qu
                                                                           for d in plan.of(QUANTIZE)}})})
     keys = [k for k, d in plan.decisions.items() if d.action != REMOVE]
     prefetch = 0 if options.low_memory else options.prefetch_bytes
-    with StreamingWriter(output_path, reserve, overwrite=options.overwrite) as writer:
+    background = 0 if options.low_memory else options.prefetch_bytes
+    with StreamingWriter(output_path, reserve, overwrite=options.overwrite, background_bytes=background) as writer:
         bar = tqdm(total=len(keys), desc=os.path.basename(reader.path), unit="tensor", disable=not options.progress,
                    dynamic_ncols=True)
-        for key, tensor in reader.iter_tensors(keys, prefetch_bytes=prefetch):
+        for key, tensor in reader.iter_tensors(keys, prefetch_bytes=prefetch, threaded=device.type == "cuda"):
             decision = plan.decisions[key]
             if decision.action == QUANTIZE:
                 conf, layer_stat = _quantize_layer(decision, tensor, writer, method, device, options, reader.path)

@@ -34,7 +34,7 @@ class QuantOptions:
     allow_nonfinite: bool = False
     low_memory: bool = False
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    prefetch_bytes: int = 512 << 20  # read-ahead in standard mode
+    prefetch_bytes: int = 512 << 20  # read-ahead, and writes waiting on the writer thread, in standard mode
     verify: str = "cheap"
     report_quality: bool = False
     quality_threshold: float = 30.0

@@ -200,3 +200,28 @@ class _FullFile:
 
     def close(self):
         pass
+
+
+def test_background_writes_produce_the_same_file(tmp_path):
+    tensors = {f"t{i}": torch.randn(257, 129) for i in range(20)} | {"odd": torch.randn(5).half()}
+    paths = []
+    for background in (0, 100_000):
+        out = tmp_path / f"out{background}.safetensors"
+        with StreamingWriter(str(out), 8192, background_bytes=background) as writer:
+            for k, v in tensors.items():
+                writer.add(k, v)
+            writer.finish({"m": "v"})
+            writer.publish()
+        paths.append(out)
+    assert paths[0].read_bytes() == paths[1].read_bytes()
+
+
+def test_background_write_error_surfaces_and_cleans_up(tmp_path):
+    out = tmp_path / "out.safetensors"
+    with pytest.raises(QuantError, match="disk full"):
+        with StreamingWriter(str(out), 4096, background_bytes=1 << 20) as writer:
+            writer._background._file = _FullFile()
+            for i in range(10):
+                writer.add(f"t{i}", torch.randn(64, 64))
+            writer.finish({})
+    assert os.listdir(tmp_path) == []

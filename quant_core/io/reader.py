@@ -200,15 +200,34 @@ class SafetensorsReader:
             done += n
         return buf.view(dtype).reshape(info.shape)
 
-    def iter_tensors(self, keys: Iterable[str], prefetch_bytes: int = 0) -> Iterator[tuple[str, torch.Tensor]]:
-        """Yield (key, tensor) in the given order. With prefetch_bytes > 0 a reader thread stays up to that many
-        bytes ahead (at least one tensor), overlapping disk reads with quantization."""
+    def iter_tensors(self, keys: Iterable[str], prefetch_bytes: int = 0,
+                     threaded: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
+        """Yield (key, tensor) in the given order.
+
+        prefetch_bytes > 0 asks the kernel to read ahead that many bytes of the coming tensors (posix_fadvise), so
+        disk reads overlap the caller's work without using a CPU; `threaded` also copies them into memory on a
+        reader thread (worth it when the caller's work runs on a GPU, not when it needs every CPU core)."""
         keys = list(keys)
-        if prefetch_bytes <= 0:
-            for key in keys:
-                yield key, self.get_tensor(key)
+        if prefetch_bytes > 0 and threaded:
+            yield from _prefetching(self, keys, prefetch_bytes)
             return
-        yield from _prefetching(self, keys, prefetch_bytes)
+        advised, ahead = 0, 0  # first key not yet advised; bytes advised but not yet read
+        for i, key in enumerate(keys):
+            while prefetch_bytes > 0 and advised < len(keys) and (advised <= i or ahead < prefetch_bytes):
+                info = self.info(keys[advised])
+                _will_need(self._file, info.start, info.nbytes)
+                ahead += info.nbytes
+                advised += 1
+            yield key, self.get_tensor(key)
+            ahead -= self.info(key).nbytes
+
+
+def _will_need(file, offset: int, length: int) -> None:
+    if length and hasattr(os, "posix_fadvise"):
+        try:
+            os.posix_fadvise(file.fileno(), offset, length, os.POSIX_FADV_WILLNEED)
+        except OSError:
+            pass
 
 
 def _prefetching(reader: SafetensorsReader, keys: list[str], budget: int) -> Iterator[tuple[str, torch.Tensor]]:

@@ -11,6 +11,8 @@ from __future__ import annotations
 import errno
 import json
 import os
+import queue
+import threading
 from typing import Iterable
 
 import torch
@@ -43,11 +45,57 @@ def _tensor_bytes(tensor: torch.Tensor):
     return flat.view(torch.uint8).numpy() if flat.numel() else b""
 
 
+class _BackgroundWrites:
+    """Appends byte buffers to a file on a thread, so disk writes overlap the caller's quantization. At most
+    `max_pending` bytes wait in memory; an error is re-raised in the caller at its next call."""
+
+    def __init__(self, file, max_pending: int):
+        self._file, self._max = file, max_pending
+        self._queue: queue.Queue = queue.Queue()
+        self._pending, self._error = 0, None
+        self._room = threading.Condition()
+        self._thread = threading.Thread(target=self._drain, name="safetensors-writer", daemon=True)
+        self._thread.start()
+
+    def _drain(self):
+        while (item := self._queue.get()) is not None:
+            data, size = item
+            try:
+                if self._error is None:
+                    self._file.write(data)
+            except BaseException as e:  # handed to the caller
+                self._error = e
+            with self._room:
+                self._pending -= size
+                self._room.notify_all()
+
+    def write(self, data, size: int) -> None:
+        self.raise_error()
+        with self._room:
+            self._room.wait_for(lambda: self._pending == 0 or self._pending + size <= self._max)
+            self._pending += size
+        self._queue.put((data, size))
+
+    def flush(self) -> None:
+        with self._room:
+            self._room.wait_for(lambda: self._pending == 0)
+        self.raise_error()
+
+    def close(self) -> None:
+        self._queue.put(None)
+        self._thread.join()
+
+    def raise_error(self) -> None:
+        if self._error is not None:
+            raise self._error
+
+
 class StreamingWriter:
     """Write a safetensors file tensor by tensor. Use as a context manager: an exception (or a missing
     `publish()`) removes the temporary file and leaves nothing under the output name."""
 
-    def __init__(self, output: str, reserve: int, overwrite: bool = False):
+    def __init__(self, output: str, reserve: int, overwrite: bool = False, background_bytes: int = 0):
+        """`background_bytes` > 0 writes on a thread with up to that many bytes waiting in memory."""
         self.output = os.path.abspath(output)
         self.overwrite = overwrite
         directory = os.path.dirname(self.output)
@@ -59,6 +107,7 @@ class StreamingWriter:
         self.reserve = reserve
         self._entries: dict[str, dict] = {}
         self._deferred: list[tuple[str, torch.Tensor]] = []
+        self._names: set[str] = set()
         self._pos = 0  # bytes of tensor data written so far
         self._finished = self._published = False
         try:
@@ -66,6 +115,7 @@ class StreamingWriter:
             self._file.seek(reserve)
         except OSError as e:
             raise QuantError(f"{output}: cannot write to {directory}: {e.strerror or e}") from None
+        self._background = _BackgroundWrites(self._file, background_bytes) if background_bytes > 0 else None
 
     def __enter__(self):
         return self
@@ -79,8 +129,9 @@ class StreamingWriter:
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
         """Append one tensor (any device; moved to CPU)."""
-        if name in self._entries or any(n == name for n, _ in self._deferred):
+        if name in self._names:
             raise ValueError(f"tensor {name!r} written twice")
+        self._names.add(name)
         tensor = tensor.detach().cpu()
         nbytes = tensor.numel() * tensor.element_size()
         if nbytes % ALIGN and nbytes <= DEFER_MAX_BYTES:
@@ -89,7 +140,10 @@ class StreamingWriter:
         self._write(name, tensor, nbytes)
 
     def _write(self, name: str, tensor: torch.Tensor, nbytes: int) -> None:
-        self._file.write(_tensor_bytes(tensor))
+        if self._background is not None:
+            self._background.write(_tensor_bytes(tensor), nbytes)  # the numpy view keeps the tensor alive
+        else:
+            self._file.write(_tensor_bytes(tensor))
         self._entries[name] = {"dtype": tag_of(tensor.dtype), "shape": list(tensor.shape),
                                "data_offsets": [self._pos, self._pos + nbytes]}
         self._pos += nbytes
@@ -99,6 +153,7 @@ class StreamingWriter:
         for name, tensor in sorted(self._deferred, key=lambda item: -item[1].element_size()):
             self._write(name, tensor, tensor.numel() * tensor.element_size())
         self._deferred.clear()
+        self._stop_background()
         header = dict(self._entries)
         if metadata:
             header["__metadata__"] = metadata
@@ -160,7 +215,19 @@ class StreamingWriter:
             self._remove_temp()
             raise
 
+    def _stop_background(self) -> None:
+        if self._background is not None:
+            background, self._background = self._background, None
+            try:
+                background.flush()
+            finally:
+                background.close()
+
     def abort(self) -> None:
+        try:
+            self._stop_background()
+        except BaseException:
+            pass  # the write error is already being reported (or superseded by the caller's)
         if self._file is not None:
             self._file.close()
             self._file = None
