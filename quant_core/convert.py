@@ -116,12 +116,11 @@ def _stream(reader: SafetensorsReader, plan: Plan, output_path: str, options: Qu
                              {**metadata, QUANT_METADATA_KEY: json.dumps({"layers": {d.layer: {"format": "x" * 64}
                                                                           for d in plan.of(QUANTIZE)}})})
     keys = [k for k, d in plan.decisions.items() if d.action != REMOVE]
-    prefetch = 0 if options.low_memory else options.prefetch_bytes
-    background = 0 if options.low_memory else options.prefetch_bytes
-    with StreamingWriter(output_path, reserve, overwrite=options.overwrite, background_bytes=background) as writer:
+    ahead = 0 if options.low_memory else options.prefetch_bytes  # read-ahead and write-behind budget, bytes
+    with StreamingWriter(output_path, reserve, overwrite=options.overwrite, background_bytes=ahead) as writer:
         bar = tqdm(total=len(keys), desc=os.path.basename(reader.path), unit="tensor", disable=not options.progress,
                    dynamic_ncols=True)
-        for key, tensor in reader.iter_tensors(keys, prefetch_bytes=prefetch, threaded=device.type == "cuda"):
+        for key, tensor in reader.iter_tensors(keys, prefetch_bytes=ahead, threaded=device.type == "cuda"):
             decision = plan.decisions[key]
             if decision.action == QUANTIZE:
                 conf, layer_stat = _quantize_layer(decision, tensor, writer, method, device, options, reader.path)
@@ -136,7 +135,7 @@ def _stream(reader: SafetensorsReader, plan: Plan, output_path: str, options: Qu
             bar.update(1)
         bar.close()
         writer.finish(_output_metadata(metadata, layers_conf, options))
-        verification = _verify_temp(writer.temp, reader.path, options, plan)
+        verification = _verify_temp(writer.temp, reader.path, options)
         writer.publish()
     report = QualityReport(stats, options.quality_threshold)
     return ConvertResult(output_path, plan, report, 0.0, 0, 0, notes, verification)
@@ -188,7 +187,7 @@ def _output_metadata(metadata: dict, layers_conf: dict, options: QuantOptions) -
     return out
 
 
-def _verify_temp(temp_path: str, source_path: str, options: QuantOptions, plan: Plan):
+def _verify_temp(temp_path: str, source_path: str, options: QuantOptions):
     if options.verify == "off":
         return None
     from .verify import verify_file

@@ -66,8 +66,9 @@ def verify_file(path: str, reference: str | None = None, allow_legacy: bool = Fa
     with SafetensorsReader(path, low_memory=True) as reader:
         confs = _read_markers(reader, result)
         _check_header_metadata(reader, confs, result)
+        suffixes = suffixes_by_layer(reader.keys())
         for layer, conf in confs.items():
-            _check_layer(reader, layer, conf, result)
+            _check_layer(reader, layer, conf, result, suffixes)
         _mark_legacy(result, allow_legacy)
         _check_orphans(reader, confs, result)
         if reference is not None:
@@ -139,7 +140,7 @@ def _mark_legacy(result: VerifyResult, allow_legacy: bool) -> None:
         (result.warnings if allow_legacy else result.defects).append(message)
 
 
-def _check_layer(reader, layer: str, conf: dict, result: VerifyResult) -> None:
+def _check_layer(reader, layer: str, conf: dict, result: VerifyResult, suffixes: dict[str, list[str]]) -> None:
     name = conf["format"]
     if name not in UPSTREAM_NAMES and name not in LEGACY_NAMES:
         result.defects.append(f"{layer}: unknown format {name!r}: upstream ComfyUI raises KeyError and the whole model fails to load")
@@ -150,7 +151,7 @@ def _check_layer(reader, layer: str, conf: dict, result: VerifyResult) -> None:
     if weight not in reader.keys():
         result.defects.append(f"{layer}: marker without a {weight} tensor")
         return
-    problems = _layout_problems(reader, layer, conf)
+    problems = _layout_problems(reader, layer, conf, suffixes)
     result.defects.extend(f"{layer}: {p}" for p in problems)
     result.layers.append(LayerCheck(layer, name, upstream=name in UPSTREAM_NAMES, layout_ok=not problems))
     if not problems:
@@ -177,7 +178,7 @@ def _expect(reader, key: str, dtypes: tuple[str, ...], shapes, problems: list[st
 ONE_ELEMENT = [(), (1,)]
 
 
-def _layout_problems(reader, layer: str, conf: dict) -> list[str]:
+def _layout_problems(reader, layer: str, conf: dict, suffixes: dict[str, list[str]]) -> list[str]:
     name, problems = conf["format"], []
     wshape = reader.get_shape(f"{layer}.weight")
     if len(wshape) != 2:
@@ -212,10 +213,18 @@ def _layout_problems(reader, layer: str, conf: dict) -> list[str]:
         allowed.add("input_scale")
     else:
         problems += _legacy_layout_problems(reader, layer, conf, n, k)
-    extras = [key for key in reader.keys() if key.startswith(layer + ".") and "." not in key[len(layer) + 1:]
-              and key[len(layer) + 1:] not in allowed]
+    extras = [f"{layer}.{suffix}" for suffix in suffixes.get(layer, ()) if suffix not in allowed]
     problems += [f"unexpected tensor {key} (ComfyUI reports it as an unexpected key)" for key in extras]
     return problems
+
+
+def suffixes_by_layer(keys) -> dict[str, list[str]]:
+    """layer name → the last name parts of its tensors (`weight`, `weight_scale`, …)."""
+    by_layer: dict[str, list[str]] = {}
+    for key in keys:
+        layer, _, suffix = key.rpartition(".")
+        by_layer.setdefault(layer, []).append(suffix)
+    return by_layer
 
 
 def _legacy_layout_problems(reader, layer: str, conf: dict, n: int, k: int) -> list[str]:
