@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
+import threading
 
 from . import __version__
 from .errors import QuantError
@@ -214,7 +216,7 @@ def print_result(result, options: QuantOptions) -> None:
     for d in plan.fallbacks():
         print(f"  fallback: {d.layer}: {d.reason}")
     for note in result.notes:
-        print(f"  kept: {note}")
+        print(f"  {note}")
     for rule in plan.rules_unmatched:
         print(f"  note: {rule} matched no layer")
     if result.verify is not None:
@@ -255,8 +257,14 @@ def run_verify(argv: list[str]) -> int:
     return 0 if result.ok else 1
 
 
+def _terminate(signum, frame):
+    raise KeyboardInterrupt  # unwinds like Ctrl-C: temporary files are removed on the way out
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _terminate)
     try:
         if argv[:1] == ["verify"]:
             return run_verify(argv[1:])

@@ -32,7 +32,7 @@ class ConvertResult:
     seconds: float
     input_bytes: int
     output_bytes: int
-    notes: list[str] = field(default_factory=list)  # per-layer fallbacks decided while streaming
+    notes: list[str] = field(default_factory=list)  # what happened while streaming (data-dependent keeps, cleanup)
     verify: object = None
 
 
@@ -118,6 +118,7 @@ def _stream(reader: SafetensorsReader, plan: Plan, output_path: str, options: Qu
     keys = [k for k, d in plan.decisions.items() if d.action != REMOVE]
     ahead = 0 if options.low_memory else options.prefetch_bytes  # read-ahead and write-behind budget, bytes
     with StreamingWriter(output_path, reserve, overwrite=options.overwrite, background_bytes=ahead) as writer:
+        notes += [f"removed {path}, left by an interrupted run" for path in writer.stale_removed]
         bar = tqdm(total=len(keys), desc=os.path.basename(reader.path), unit="tensor", disable=not options.progress,
                    dynamic_ncols=True)
         for key, tensor in reader.iter_tensors(keys, prefetch_bytes=ahead, threaded=device.type == "cuda"):
@@ -125,7 +126,7 @@ def _stream(reader: SafetensorsReader, plan: Plan, output_path: str, options: Qu
             if decision.action == QUANTIZE:
                 conf, layer_stat = _quantize_layer(decision, tensor, writer, method, device, options, reader.path)
                 if conf is None:
-                    notes.append(f"{decision.layer}: {layer_stat}")
+                    notes.append(f"kept {decision.layer}: {layer_stat}")
                 else:
                     layers_conf[decision.layer] = conf
                     stats.append(layer_stat)
@@ -173,7 +174,7 @@ def marker_tensor(conf: dict) -> torch.Tensor:
 def _write_kept(key: str, tensor: torch.Tensor, writer: StreamingWriter, options: QuantOptions, notes: list[str]):
     if options.format == "fp16" and tensor.dtype in (torch.float32, torch.bfloat16, torch.float64):
         if tensor.numel() and float(tensor.abs().max()) > FP16_MAX:
-            notes.append(f"{key}: values beyond the FP16 range; kept in {str(tensor.dtype).removeprefix('torch.')}")
+            notes.append(f"kept {key} in {str(tensor.dtype).removeprefix('torch.')}: values beyond the FP16 range")
         else:
             tensor = tensor.to(torch.float16)
     writer.add(key, tensor)

@@ -39,6 +39,41 @@ def _round_up(x: int, multiple: int) -> int:
     return (x + multiple - 1) // multiple * multiple
 
 
+TEMP_SUFFIX = ".partial"
+
+
+def _temp_name(output: str, pid: int) -> str:
+    """Hidden, next to the output (same file system, so the final link/rename is atomic), tagged with the pid."""
+    return os.path.join(os.path.dirname(output), f".{os.path.basename(output)}.{pid}{TEMP_SUFFIX}")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_temps(output: str) -> list[str]:
+    """Delete temporary files that an interrupted run (a process no longer alive) left for this output.
+    Returns their paths. Files of a live run, or anything not matching the pattern exactly, are left alone."""
+    directory, base = os.path.dirname(output), os.path.basename(output)
+    removed = []
+    prefix = f".{base}."
+    for name in os.listdir(directory):
+        pid = name[len(prefix):-len(TEMP_SUFFIX)] if name.startswith(prefix) and name.endswith(TEMP_SUFFIX) else ""
+        if pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
+            try:
+                os.unlink(os.path.join(directory, name))
+                removed.append(os.path.join(directory, name))
+            except OSError:
+                pass
+    return removed
+
+
 def _tensor_bytes(tensor: torch.Tensor):
     """A zero-copy byte view of a CPU tensor (any dtype, including bf16/fp8/bool)."""
     flat = tensor.detach().contiguous().reshape(-1)
@@ -103,7 +138,8 @@ class StreamingWriter:
             raise QuantError(f"{output}: output directory {directory} does not exist")
         if os.path.exists(self.output) and not overwrite:
             raise QuantError(f"{output}: already exists; pass --overwrite to replace it")
-        self.temp = os.path.join(directory, f".{os.path.basename(self.output)}.{os.getpid()}.partial")
+        self.stale_removed = remove_stale_temps(self.output)
+        self.temp = _temp_name(self.output, os.getpid())
         self.reserve = reserve
         self._entries: dict[str, dict] = {}
         self._deferred: list[tuple[str, torch.Tensor]] = []
@@ -123,8 +159,9 @@ class StreamingWriter:
     def __exit__(self, exc_type, exc, tb):
         if not self._published:
             self.abort()
-        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise QuantError(f"{self.output}: disk full while writing; nothing was written") from None
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+            raise QuantError(f"{self.output}: disk full (or file size limit reached) while writing: "
+                             f"{exc.strerror}; nothing was written") from None
         return False
 
     def add(self, name: str, tensor: torch.Tensor) -> None:

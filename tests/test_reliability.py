@@ -1,0 +1,170 @@
+"""Crash safety, stale temporary files, full disks, determinism, and header fuzzing."""
+import os
+import random
+import resource
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import quant_core
+from quant_core.errors import QuantError
+from quant_core.verify import verify_file
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CLI = [sys.executable, "-m", "quant_core"]
+
+
+def medium_checkpoint(path, layers=24, size=1024):
+    g = torch.Generator().manual_seed(0)
+    save_file({f"blocks.{i}.lin.weight": torch.randn(size, size, generator=g).bfloat16() for i in range(layers)}, path)
+    return path
+
+
+def leftovers(directory, keep):
+    return sorted(set(os.listdir(directory)) - set(keep))
+
+
+def test_kill_at_random_points_never_leaves_a_file_under_the_output_name(tmp_path):
+    src = medium_checkpoint(str(tmp_path / "src.safetensors"))
+    out = str(tmp_path / "out.safetensors")
+    start = time.perf_counter()
+    subprocess.run(CLI + ["-i", src, "-o", out, "--no-progress"], cwd=ROOT, check=True, capture_output=True)
+    duration = time.perf_counter() - start
+    os.unlink(out)
+    rng = random.Random(1234)
+    runs, clean, completed = 0, 0, 0
+    for sig in [signal.SIGKILL, signal.SIGINT, signal.SIGTERM] * 4:
+        proc = subprocess.Popen(CLI + ["-i", src, "-o", out, "--no-progress"], cwd=ROOT,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        time.sleep(rng.uniform(0.05, duration))
+        proc.send_signal(sig)
+        _, err = proc.communicate(timeout=120)
+        runs += 1
+        if os.path.exists(out):  # the run finished before the signal: the file must be whole
+            assert verify_file(out, reference=src).ok
+            completed += 1
+            os.unlink(out)
+        else:
+            clean += 1
+            if sig != signal.SIGKILL:  # unwound: the temporary file is gone too, one-line message, exit 130
+                assert leftovers(tmp_path, ["src.safetensors"]) == [], err
+                assert proc.returncode == 130 and "interrupted" in err and "Traceback" not in err, err
+    assert clean + completed == runs and clean >= runs // 2, (clean, completed)
+    # a SIGKILLed run's temporary file is removed by the next run on the same output
+    result = subprocess.run(CLI + ["-i", src, "-o", out, "--no-progress"], cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 0
+    assert leftovers(tmp_path, ["src.safetensors", "out.safetensors"]) == []
+
+
+def test_stale_temp_of_a_dead_run_is_removed_but_a_live_one_is_not(tmp_path, flux_file):
+    out = tmp_path / "o.safetensors"
+    dead = tmp_path / ".o.safetensors.999999999.partial"
+    live = tmp_path / f".o.safetensors.{os.getpid()}.partial"
+    unrelated = tmp_path / ".o.safetensors.notes.partial"
+    for p in (dead, live, unrelated):
+        p.write_bytes(b"junk")
+    result = subprocess.run(CLI + ["-i", flux_file, "-o", str(out), "--no-progress"], cwd=ROOT, capture_output=True,
+                            text=True)
+    assert result.returncode == 0 and f"removed {dead}" in result.stdout
+    assert not dead.exists() and live.exists() and unrelated.exists()
+
+
+def _limit_file_size(limit):
+    def apply():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # then writes past the limit fail with EFBIG
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+    return apply
+
+
+def test_file_size_limit_mid_write_is_a_clean_error(tmp_path):
+    src = medium_checkpoint(str(tmp_path / "src.safetensors"), layers=8)
+    out = tmp_path / "out" / "o.safetensors"
+    out.parent.mkdir()
+    result = subprocess.run(CLI + ["-i", src, "-o", str(out), "--no-progress"], cwd=ROOT, capture_output=True,
+                            text=True, preexec_fn=_limit_file_size(2 << 20))
+    assert result.returncode == 2, result.stderr
+    assert "disk full (or file size limit reached)" in result.stderr and result.stderr.count("\n") == 1
+    assert os.listdir(out.parent) == []
+
+
+def test_full_disk_on_a_small_tmpfs(tmp_path):
+    mount = tmp_path / "small"
+    mount.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    try:
+        src = medium_checkpoint(str(tmp_path / "src.safetensors"), layers=8)
+        result = subprocess.run(CLI + ["-i", src, "-o", str(mount / "o.safetensors"), "--no-progress"], cwd=ROOT,
+                                capture_output=True, text=True)
+        assert result.returncode == 2 and "disk full" in result.stderr, result.stderr
+        assert "Traceback" not in result.stderr and os.listdir(mount) == []
+    finally:
+        subprocess.run(["umount", str(mount)], capture_output=True)
+
+
+@pytest.mark.parametrize("options", [dict(format="int8"), dict(format="fp8"), dict(format="nvfp4"),
+                                     dict(format="mxfp8"), dict(format="int8", convrot=True, convrot_group_size=16)],
+                         ids=lambda o: "-".join(str(v) for v in o.values()))
+def test_same_input_and_options_give_byte_identical_files(flux_file, tmp_path, options):
+    a = quant_core.quantize(input=flux_file, output=str(tmp_path / "a.safetensors"), **options)
+    b = quant_core.quantize(input=flux_file, output=str(tmp_path / "b.safetensors"), low_memory=True, **options)
+    with open(a.output, "rb") as fa, open(b.output, "rb") as fb:
+        assert fa.read() == fb.read()
+
+
+hypothesis = pytest.importorskip("hypothesis")
+from hypothesis import HealthCheck, given, settings, strategies as st  # noqa: E402
+
+FUZZ_EXAMPLES = int(os.environ.get("QUANT_CORE_FUZZ_EXAMPLES", "150"))
+
+
+@pytest.fixture(scope="module")
+def fuzz_source(tmp_path_factory):
+    path = tmp_path_factory.mktemp("fuzz") / "src.safetensors"
+    g = torch.Generator().manual_seed(0)
+    save_file({"a.weight": torch.randn(32, 32, generator=g), "a.bias": torch.randn(32, generator=g),
+               "b.weight": torch.randn(16, 32, generator=g).bfloat16(), "n.scale": torch.ones(8)}, str(path),
+              metadata={"k": "v"})
+    return path.read_bytes()
+
+
+@settings(max_examples=FUZZ_EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_header_mutations_give_a_clean_error_or_a_valid_file(fuzz_source, tmp_path, data):
+    blob = bytearray(fuzz_source)
+    header_end = 8 + int.from_bytes(blob[:8], "little")
+    for _ in range(data.draw(st.integers(1, 4))):
+        kind = data.draw(st.sampled_from(["flip", "digit", "truncate", "length"]))
+        end = min(header_end, len(blob))
+        digits = [i for i in range(8, end) if chr(blob[i]).isdigit()]
+        if not blob or (kind == "digit" and not digits):
+            continue
+        if kind == "flip":
+            blob[data.draw(st.integers(0, end - 1))] = data.draw(st.integers(0, 255))
+        elif kind == "digit":
+            blob[data.draw(st.sampled_from(digits))] = ord(str(data.draw(st.integers(0, 9))))
+        elif kind == "truncate":
+            del blob[data.draw(st.integers(0, len(blob) - 1)):]
+        elif len(blob) >= 8:
+            blob[:8] = data.draw(st.integers(0, 2 ** 64 - 1)).to_bytes(8, "little")
+    src = tmp_path / f"m{abs(hash(bytes(blob)))}.safetensors"
+    src.write_bytes(bytes(blob))
+    out = tmp_path / f"o{abs(hash(bytes(blob)))}.safetensors"
+    try:
+        result = quant_core.quantize(input=str(src), output=str(out), verify="full")
+    except QuantError as e:
+        assert "\n" not in str(e)
+        assert not out.exists()
+    else:
+        assert result.verify.ok and verify_file(str(out), reference=str(src)).ok
+    finally:
+        for p in (src, out):
+            if p.exists():
+                p.unlink()
+    assert not [p for p in os.listdir(tmp_path) if p.endswith(".partial")]
