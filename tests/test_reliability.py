@@ -55,6 +55,8 @@ def test_kill_at_random_points_never_leaves_a_file_under_the_output_name(tmp_pat
             if sig != signal.SIGKILL:  # unwound: the temporary file is gone too, one-line message, exit 130
                 assert leftovers(tmp_path, ["src.safetensors"]) == [], err
                 assert proc.returncode == 130 and "interrupted" in err and "Traceback" not in err, err
+    print(f"\nkill test: {runs} runs, {clean} interrupted with no file under the output name, "
+          f"{completed} finished first (whole, verified), 0 partial files")
     assert clean + completed == runs and clean >= runs // 2, (clean, completed)
     # a SIGKILLed run's temporary file is removed by the next run on the same output
     result = subprocess.run(CLI + ["-i", src, "-o", out, "--no-progress"], cwd=ROOT, capture_output=True, text=True)
@@ -159,9 +161,11 @@ def test_header_mutations_give_a_clean_error_or_a_valid_file(fuzz_source, tmp_pa
     try:
         result = quant_core.quantize(input=str(src), output=str(out), verify="full")
     except QuantError as e:
+        hypothesis.event("clean error")
         assert "\n" not in str(e)
         assert not out.exists()
     else:
+        hypothesis.event("converted")
         assert result.verify.ok and verify_file(str(out), reference=str(src)).ok
     finally:
         for p in (src, out):
