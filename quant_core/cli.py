@@ -53,10 +53,6 @@ NOT_YET = [
     (("--calibration-lora",), True, "calibration"),
     (("--static-activations",), False, "static activation scales"),
     (("--actcal",), False, "activation scale calibration"),
-    (("--merge-lora",), True, "LoRA merging"),
-    (("--merge-loras",), True, "LoRA merging"),
-    (("--merge-lora-scale",), True, "LoRA merging"),
-    (("--merge-lora-dampen",), False, "LoRA merging"),
     (("--streaming-mode",), True, "GPU streaming thresholds"),
     (("--stream-hadamard-threshold",), True, "GPU streaming thresholds"),
     (("--stream-hessian-threshold",), True, "GPU streaming thresholds"),
@@ -93,6 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_format_group(parser)
     _add_quantization_group(parser)
     _add_preset_group(parser)
+    _add_lora_group(parser)
     _add_memory_group(parser)
     _add_not_yet_group(parser)
     return parser
@@ -152,6 +149,20 @@ def _add_preset_group(parser):
                            help=preset.help)
 
 
+def _add_lora_group(parser):
+    lora = parser.add_argument_group("LoRA Merging Options")
+    lora.add_argument("--merge-lora", metavar="FILE", help="merge this LoRA into the weights before quantization")
+    lora.add_argument("--merge-loras", nargs="+", metavar="FILE", default=(),
+                      help="merge several LoRAs; the first at full scale, each later one dampened by 0.9^index")
+    lora.add_argument("--merge-lora-scale", type=float, default=1.0, help="scale of the merged LoRA(s) (default 1)")
+    lora.add_argument("--merge-lora-dampen", action=argparse.BooleanOptionalAction, default=True,
+                      help="dampen later LoRAs of --merge-loras (default on)")
+    lora.add_argument("--lora-mapping", metavar="FILE.json",
+                      help='LoRA module → weight key overrides: {"module": "key.weight" | {"weight": key, "rows": [a, b]}}')
+    lora.add_argument("--lora-max-unmatched", type=int, default=0, metavar="N",
+                      help="allow up to N LoRA modules that match no weight (default 0: any is an error)")
+
+
 def _add_memory_group(parser):
     mem = parser.add_argument_group("Streaming & Memory Options")
     mem.add_argument("--low-memory", "--low_memory", "-lm", action="store_true",
@@ -182,7 +193,10 @@ def options_from_args(args) -> QuantOptions:
         quantize_embeddings=args.quantize_embeddings, quantize_io_layers=args.quantize_io_layers,
         allow_nonfinite=args.allow_nonfinite, low_memory=args.low_memory, device=args.device, verify=args.verify,
         report_quality=args.report_quality, quality_threshold=args.quality_threshold, report_path=args.report,
-        overwrite=args.overwrite, progress=not args.no_progress,
+        overwrite=args.overwrite, progress=not args.no_progress, merge_lora=args.merge_lora,
+        merge_loras=tuple(args.merge_loras), merge_lora_scale=args.merge_lora_scale,
+        merge_lora_dampen=args.merge_lora_dampen, lora_mapping=args.lora_mapping,
+        lora_max_unmatched=args.lora_max_unmatched,
     ).validate()
 
 
@@ -217,6 +231,10 @@ def print_result(result, options: QuantOptions) -> None:
         print(f"  fallback: {d.layer}: {d.reason}")
     for note in result.notes:
         print(f"  {note}")
+    if result.lora is not None:
+        print(f"  {result.lora.summary()}")
+        for name in result.lora.unmatched[:10]:
+            print(f"    unmatched LoRA module: {name}")
     for rule in plan.rules_unmatched:
         print(f"  note: {rule} matched no layer")
     if result.verify is not None:

@@ -34,6 +34,7 @@ class ConvertResult:
     output_bytes: int
     notes: list[str] = field(default_factory=list)  # what happened while streaming (data-dependent keeps, cleanup)
     verify: object = None
+    lora: object = None  # MergeReport when LoRAs were merged
 
 
 def default_output_name(input_path: str, options: QuantOptions) -> str:
@@ -68,11 +69,23 @@ def convert(input_path: str, output_path: str | None, options: QuantOptions) -> 
         require_work(plan, input_path, fp16=options.format == "fp16")
         output_path = output_path or default_output_name(input_path, options)
         _check_output_path(input_path, output_path)
-        result = _stream(reader, plan, output_path, options)
+        merger = _lora_merger(reader, plan, options)
+        result = _stream(reader, plan, output_path, options, merger)
     result.seconds = time.perf_counter() - start
     result.input_bytes = os.path.getsize(input_path)
     result.output_bytes = os.path.getsize(result.output)
     return result
+
+
+def _lora_merger(reader: SafetensorsReader, plan: Plan, options: QuantOptions):
+    """Validate and plan the LoRA merges (before anything is written), or None."""
+    loras = options.lora_files()
+    if not loras:
+        return None
+    from .lora.merge import LoraMerger
+    shapes = {info.name: info.shape for info in reader.infos()}
+    removed = {d.key for d in plan.of(REMOVE)}
+    return LoraMerger(loras, shapes, removed, options.lora_mapping, options.lora_max_unmatched)
 
 
 def _refuse_quantized_input(reader: SafetensorsReader, path: str) -> None:
@@ -105,7 +118,8 @@ def _planned_entries(reader: SafetensorsReader, plan: Plan):
         yield f"{d.layer}.comfy_quant", "U8", (256,)
 
 
-def _stream(reader: SafetensorsReader, plan: Plan, output_path: str, options: QuantOptions) -> ConvertResult:
+def _stream(reader: SafetensorsReader, plan: Plan, output_path: str, options: QuantOptions,
+            merger=None) -> ConvertResult:
     device = pick_device(options)
     method = get_method(options.method)
     metadata = reader.metadata()
@@ -123,6 +137,8 @@ def _stream(reader: SafetensorsReader, plan: Plan, output_path: str, options: Qu
                    dynamic_ncols=True)
         for key, tensor in reader.iter_tensors(keys, prefetch_bytes=ahead, threaded=device.type == "cuda"):
             decision = plan.decisions[key]
+            if merger is not None:
+                tensor = merger.apply(key, tensor)
             if decision.action == QUANTIZE:
                 conf, layer_stat = _quantize_layer(decision, tensor, writer, method, device, options, reader.path)
                 if conf is None:
@@ -136,10 +152,11 @@ def _stream(reader: SafetensorsReader, plan: Plan, output_path: str, options: Qu
             bar.update(1)
         bar.close()
         writer.finish(_output_metadata(metadata, layers_conf, options))
-        verification = _verify_temp(writer.temp, reader.path, options)
+        verification = _verify_temp(writer.temp, reader.path, options, merger)
         writer.publish()
     report = QualityReport(stats, options.quality_threshold)
-    return ConvertResult(output_path, plan, report, 0.0, 0, 0, notes, verification)
+    return ConvertResult(output_path, plan, report, 0.0, 0, 0, notes, verification,
+                         merger.report if merger is not None else None)
 
 
 def _quantize_layer(decision: Decision, tensor: torch.Tensor, writer: StreamingWriter, method, device,
@@ -188,12 +205,14 @@ def _output_metadata(metadata: dict, layers_conf: dict, options: QuantOptions) -
     return out
 
 
-def _verify_temp(temp_path: str, source_path: str, options: QuantOptions):
+def _verify_temp(temp_path: str, source_path: str, options: QuantOptions, merger=None):
     if options.verify == "off":
         return None
     from .verify import verify_file
     # Legacy format names only come from an explicit request (scaling mode or layer config): mark, don't fail.
-    result = verify_file(temp_path, reference=source_path if options.verify == "full" else None, allow_legacy=True)
+    # With LoRAs, the reference is the source with the same deltas merged.
+    result = verify_file(temp_path, reference=source_path if options.verify == "full" else None, allow_legacy=True,
+                         reference_transform=merger.apply if merger is not None else None)
     if not result.ok:
         raise QuantError(f"verify failed on the converted file (nothing written): {result.defects[0]}")
     return result

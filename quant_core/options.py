@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from dataclasses import dataclass
 
@@ -41,6 +42,12 @@ class QuantOptions:
     report_path: str | None = None
     overwrite: bool = False
     progress: bool = True
+    merge_lora: str | None = None  # one LoRA, at merge_lora_scale
+    merge_loras: tuple[str, ...] = ()  # several, the later ones dampened by 0.9^index
+    merge_lora_scale: float = 1.0
+    merge_lora_dampen: bool = True
+    lora_mapping: str | dict | None = None  # module → weight key overrides (path or object)
+    lora_max_unmatched: int = 0  # LoRA modules allowed to match nothing
 
     def validate(self) -> "QuantOptions":
         """Check every field once; raise QuantError with a one-line message. Returns self."""
@@ -61,6 +68,10 @@ class QuantOptions:
                 self.main_format()
             except ValueError as e:
                 raise QuantError(str(e)) from None
+        if self.lora_max_unmatched < 0:
+            raise QuantError("--lora-max-unmatched must be 0 or more")
+        if not math.isfinite(self.merge_lora_scale):
+            raise QuantError("--merge-lora-scale must be a finite number")
         unknown = [p for p in self.presets if p not in PRESETS]
         if unknown:
             raise QuantError(f"unknown preset {unknown[0]!r} (choose from {', '.join(PRESETS)})")
@@ -76,6 +87,11 @@ class QuantOptions:
             return False
         scaling = resolve_scaling(self.format, self.scaling_mode)
         return not FAMILIES[self.format][scaling].upstream
+
+    def lora_files(self) -> list[tuple[str, float]]:
+        """(path, effective scale) of every LoRA to merge, in order."""
+        from .lora.merge import lora_scales
+        return lora_scales(self.merge_lora, tuple(self.merge_loras), self.merge_lora_scale, self.merge_lora_dampen)
 
     def replace(self, **changes) -> "QuantOptions":
         return dataclasses.replace(self, **changes)

@@ -60,8 +60,10 @@ class VerifyResult:
         return f"verify {state}: {len(self.layers)} quantized layers{extra}, {len(self.warnings)} warnings"
 
 
-def verify_file(path: str, reference: str | None = None, allow_legacy: bool = False) -> VerifyResult:
-    """Check `path` against every rule of FORMATS.md; with `reference`, also compare each layer to the source."""
+def verify_file(path: str, reference: str | None = None, allow_legacy: bool = False,
+                reference_transform=None) -> VerifyResult:
+    """Check `path` against every rule of FORMATS.md; with `reference`, also compare each layer to the source.
+    `reference_transform(key, tensor)` rewrites reference tensors first (e.g. merges the same LoRAs)."""
     result = VerifyResult(path)
     with SafetensorsReader(path, low_memory=True) as reader:
         confs = _read_markers(reader, result)
@@ -73,9 +75,24 @@ def verify_file(path: str, reference: str | None = None, allow_legacy: bool = Fa
         _check_orphans(reader, confs, result)
         if reference is not None:
             with SafetensorsReader(reference, low_memory=True) as source:
+                if reference_transform is not None:
+                    source = _Transformed(source, reference_transform)
                 _compare_with_source(reader, source, confs, result)
             result.checked_reference = True
     return result
+
+
+class _Transformed:
+    """A reader whose tensors pass through a function (key, tensor) → tensor."""
+
+    def __init__(self, reader, transform):
+        self._reader, self._transform = reader, transform
+
+    def keys(self):
+        return self._reader.keys()
+
+    def get_tensor(self, key):
+        return self._transform(key, self._reader.get_tensor(key))
 
 
 def _read_markers(reader: SafetensorsReader, result: VerifyResult) -> dict[str, dict]:

@@ -1,0 +1,1 @@
+"""LoRA merging before quantization: key styles (`mapping`), deltas and streaming application (`merge`)."""

@@ -1,0 +1,237 @@
+"""Baking LoRAs into a checkpoint's weights while it streams past.
+
+LoRA files are small: they are read once, validated (safetensors only, finite, every module matched, every shape
+right) before the first output byte is written, and each base weight gets the sum of its deltas when it streams
+by: W' = (W + Σ scale_i · ΔW_i) computed in fp32, stored back in W's dtype.
+
+ΔW per module (fp32): LoRA / LoCon `up @ down · alpha/rank` (conv: over the flattened kernel), LoHa
+`(w1a@w1b) ⊙ (w2a@w2b) · alpha/rank`, LoKr `kron(w1, w2)` (`· alpha/dim` when a factor is low-rank), `diff` as is.
+alpha missing → rank (factor 1). Refused with a message: DoRA (`dora_scale`), Tucker factors (`lora_mid`,
+`hada_t1/t2`, `lokr_t2`).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass, field
+
+import torch
+
+from ..errors import QuantError
+from ..io.reader import SafetensorsReader
+from .mapping import ModuleIndex, Target, split_key
+
+DAMPEN = 0.9  # the seed's factor for each later LoRA of --merge-loras
+BIAS_SUFFIX = "#bias"
+UNSUPPORTED_PARTS = {
+    "dora_scale": "DoRA (dora_scale) changes the weight's column norms, not a plain delta; merge it with its trainer",
+    "lora_mid.weight": "LoCon Tucker factors (lora_mid) are not supported",
+    "hada_t1": "LoHa Tucker factors (hada_t1/hada_t2) are not supported", "hada_t2": "LoHa Tucker factors are not supported",
+    "lokr_t2": "LoKr Tucker factors (lokr_t2) are not supported",
+}
+
+
+@dataclass
+class LoraModule:
+    source: str  # file path
+    module: str  # name without the style prefix (what is matched)
+    parts: dict[str, torch.Tensor]
+    scale: float
+    raw: str = ""  # name as written in the file (what messages show)
+    target: Target | None = None
+
+    def delta_shape(self) -> tuple[int, ...]:
+        p = self.parts
+        if "diff" in p:
+            return tuple(p["diff"].shape)
+        if "lora_up.weight" in p:
+            return (p["lora_up.weight"].shape[0], *p["lora_down.weight"].shape[1:])
+        if "hada_w1_a" in p:
+            return (p["hada_w1_a"].shape[0], *p["hada_w1_b"].shape[1:])
+        w1, w2 = _lokr_factor_shape(p, "1"), _lokr_factor_shape(p, "2")
+        return (w1[0] * w2[0], w1[1] * w2[1], *w2[2:])
+
+    def delta(self) -> torch.Tensor:
+        """ΔW in fp32, including the file's scale and alpha/rank."""
+        p = {k: v.float() for k, v in self.parts.items()}
+        if "diff" in p:
+            return p["diff"] * self.scale
+        if "lora_up.weight" in p:
+            up, down = p["lora_up.weight"], p["lora_down.weight"]
+            rank = down.shape[0]
+            delta = (up.reshape(up.shape[0], -1) @ down.reshape(rank, -1)).reshape(self.delta_shape())
+        elif "hada_w1_a" in p:
+            rank = p["hada_w1_b"].shape[0]
+            delta = (p["hada_w1_a"] @ p["hada_w1_b"]) * (p["hada_w2_a"] @ p["hada_w2_b"])
+        else:
+            w1 = p["lokr_w1"] if "lokr_w1" in p else p["lokr_w1_a"] @ p["lokr_w1_b"]
+            w2 = p["lokr_w2"] if "lokr_w2" in p else p["lokr_w2_a"] @ p["lokr_w2_b"]
+            rank = p["lokr_w1_b"].shape[0] if "lokr_w1_b" in p else p["lokr_w2_b"].shape[0] if "lokr_w2_b" in p else None
+            delta = torch.kron(w1.reshape(*w1.shape, *([1] * (w2.dim() - 2))), w2)
+            if rank is None:
+                return delta * self.scale
+        alpha = float(p["alpha"]) if "alpha" in p else float(rank)
+        return delta * (self.scale * alpha / rank)
+
+
+def _lokr_factor_shape(parts: dict, which: str) -> tuple[int, ...]:
+    if f"lokr_w{which}" in parts:
+        return tuple(parts[f"lokr_w{which}"].shape)
+    return (parts[f"lokr_w{which}_a"].shape[0], *parts[f"lokr_w{which}_b"].shape[1:])
+
+
+REQUIRED = [({"lora_up.weight", "lora_down.weight"}, "LoRA"), ({"hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"}, "LoHa"),
+            ({"diff"}, "full delta")]
+
+
+def _check_complete(module: LoraModule) -> None:
+    parts = set(module.parts) - {"alpha"}
+    for required, name in REQUIRED:
+        if parts & required:
+            if not required <= parts:
+                raise QuantError(f"{module.source}: {name} module {module.raw!r} lacks {sorted(required - parts)}")
+            return
+    if any(p.startswith("lokr_w1") for p in parts) and any(p.startswith("lokr_w2") for p in parts):
+        for which in "12":
+            if f"lokr_w{which}" not in parts and not {f"lokr_w{which}_a", f"lokr_w{which}_b"} <= parts:
+                raise QuantError(f"{module.source}: LoKr module {module.raw!r} lacks w{which}")
+        return
+    raise QuantError(f"{module.source}: module {module.raw!r} has no complete set of factors ({sorted(parts)})")
+
+
+@dataclass
+class MergeReport:
+    styles: dict[str, int] = field(default_factory=dict)  # detected key styles → modules
+    matched: int = 0
+    unmatched: list[str] = field(default_factory=list)
+    dropped: list[str] = field(default_factory=list)  # matched a tensor a preset removes
+    relative_change: dict[str, float] = field(default_factory=dict)  # weight key → ‖ΔW‖/‖W‖
+
+    def summary(self) -> str:
+        changes = sorted(self.relative_change.values())
+        spread = (f"; ‖ΔW‖/‖W‖ min {changes[0]:.3g}, median {changes[len(changes) // 2]:.3g}, max {changes[-1]:.3g}"
+                  if changes else "")
+        styles = ", ".join(f"{n} {s}" for s, n in self.styles.items())
+        extra = f", {len(self.unmatched)} unmatched (allowed)" if self.unmatched else ""
+        return f"LoRA: {self.matched} modules merged into {len(self.relative_change)} weights ({styles}){extra}{spread}"
+
+
+class LoraMerger:
+    """Plans and applies LoRA deltas for one checkpoint. Construction validates everything (raises QuantError)."""
+
+    def __init__(self, loras: list[tuple[str, float]], weight_shapes: dict[str, tuple[int, ...]],
+                 removed: set[str] = frozenset(), mapping: str | dict | None = None, max_unmatched: int = 0):
+        self.report = MergeReport()
+        self.index = ModuleIndex({k: s for k, s in weight_shapes.items() if k.endswith(".weight")})
+        self.shapes = weight_shapes
+        overrides = _load_mapping(mapping, weight_shapes) if mapping is not None else {}
+        self.pending: dict[str, list[LoraModule]] = {}
+        for path, scale in loras:
+            for module in _read_lora(path, scale, self.report):
+                self._plan(module, overrides, removed)
+        if len(self.report.unmatched) > max_unmatched:
+            names = ", ".join(self.report.unmatched[:5])
+            styles = ", ".join(self.report.styles) or "none"
+            raise QuantError(f"{len(self.report.unmatched)} LoRA modules match no weight of the model (e.g. {names}); "
+                             f"detected style: {styles}; use --lora-mapping FILE.json, or --lora-max-unmatched N to "
+                             "merge the rest anyway")
+
+    def _plan(self, module: LoraModule, overrides: dict, removed: set[str]) -> None:
+        is_bias = module.module.endswith(BIAS_SUFFIX)
+        target = self.index.resolve(module.module.removesuffix(BIAS_SUFFIX), overrides)
+        if target is not None and is_bias:
+            bias_key = target.weight_key[: -len(".weight")] + ".bias"
+            target = Target(bias_key) if bias_key in self.shapes and target.rows is None else None
+        if target is None:
+            self.report.unmatched.append(f"{module.raw} ({os.path.basename(module.source)})")
+            return
+        module.target = target
+        self.report.matched += 1
+        if target.weight_key in removed:
+            self.report.dropped.append(target.weight_key)
+            return
+        weight_shape = tuple(self.shapes[target.weight_key])
+        expected = weight_shape if target.rows is None else (target.rows[1] - target.rows[0], *weight_shape[1:])
+        if module.delta_shape() != expected:
+            raise QuantError(f"{module.source}: LoRA module {module.raw!r} gives a delta of shape "
+                             f"{list(module.delta_shape())} but {target.weight_key} "
+                             f"{'rows ' + str(list(target.rows)) + ' ' if target.rows else ''}has shape {list(expected)}")
+        self.pending.setdefault(target.weight_key, []).append(module)
+
+    def apply(self, key: str, tensor: torch.Tensor) -> torch.Tensor:
+        """The tensor with its LoRA deltas merged (unchanged if none target it)."""
+        modules = self.pending.get(key)
+        if not modules:
+            return tensor
+        weight = tensor.float()
+        total = torch.zeros_like(weight)
+        for module in modules:
+            delta = module.delta()
+            target = module.target
+            if target.swap_halves:
+                half = delta.shape[0] // 2
+                delta = torch.cat([delta[half:], delta[:half]])
+            if target.rows is None:
+                total += delta
+            else:
+                total[target.rows[0]:target.rows[1]] += delta
+        norm = float(weight.norm())
+        self.report.relative_change[key] = float(total.norm()) / norm if norm else math.inf
+        return (weight + total).to(tensor.dtype)
+
+
+def _read_lora(path: str, scale: float, report: MergeReport) -> list[LoraModule]:
+    modules: dict[str, LoraModule] = {}
+    with SafetensorsReader(path) as reader:
+        for key in reader.keys():
+            parsed = split_key(key)
+            if parsed is None:
+                raise QuantError(f"{path}: {key!r} is not a LoRA key this tool knows (no lora_up/lora_down, "
+                                 "lora_A/lora_B, alpha, hada_*, lokr_* or diff part)")
+            style, module, part, raw = parsed
+            if part in UNSUPPORTED_PARTS:
+                raise QuantError(f"{path}: module {raw!r}: {UNSUPPORTED_PARTS[part]}")
+            tensor = reader.get_tensor(key)
+            if part == "diff_b":  # a full bias delta: its own module, aimed at the layer's bias
+                module, part, raw = module + BIAS_SUFFIX, "diff", raw + ".diff_b"
+            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                raise QuantError(f"{path}: LoRA tensor {key!r} has NaN/Inf values")
+            entry = modules.setdefault(module, LoraModule(path, module, {}, scale, raw))
+            entry.parts[part] = tensor
+            if len(entry.parts) == 1:
+                report.styles[style] = report.styles.get(style, 0) + 1
+    for module in modules.values():
+        _check_complete(module)
+    return list(modules.values())
+
+
+def _load_mapping(mapping, weight_shapes) -> dict[str, Target]:
+    """`--lora-mapping FILE.json`: {"<lora module>": "<checkpoint weight key>" | {"weight": key, "rows": [a, b]}}."""
+    where = mapping if isinstance(mapping, str) else "LoRA mapping"
+    if isinstance(mapping, str):
+        try:
+            with open(mapping, encoding="utf-8") as f:
+                mapping = json.load(f)
+        except (OSError, ValueError) as e:
+            raise QuantError(f"{where}: cannot read the LoRA mapping: {e}") from None
+    if not isinstance(mapping, dict):
+        raise QuantError(f"{where}: a LoRA mapping is a JSON object of module → weight key")
+    overrides = {}
+    for module, value in mapping.items():
+        key, rows = (value, None) if isinstance(value, str) else (value.get("weight"), value.get("rows")) \
+            if isinstance(value, dict) else (None, None)
+        if key not in weight_shapes:
+            raise QuantError(f"{where}: entry {module!r}: {key!r} is not a weight of the model")
+        if rows is not None and not (isinstance(rows, list) and len(rows) == 2 and 0 <= rows[0] < rows[1] <= weight_shapes[key][0]):
+            raise QuantError(f"{where}: entry {module!r}: 'rows' must be [start, end] within {key}'s {weight_shapes[key][0]} rows")
+        overrides[module] = Target(key, tuple(rows) if rows else None)
+    return overrides
+
+
+def lora_scales(single: str | None, several: tuple[str, ...], scale: float, dampen: bool) -> list[tuple[str, float]]:
+    """The seed's semantics: --merge-lora FILE at --merge-lora-scale; --merge-loras A B C with the first at full
+    scale and each later one at scale · 0.9^index unless dampening is off."""
+    files = ([single] if single else []) + list(several)
+    multiple = len(files) > 1
+    return [(path, scale * (DAMPEN ** i if dampen and multiple else 1.0)) for i, path in enumerate(files)]
