@@ -244,3 +244,12 @@ def test_cli_merges_then_quantizes_and_verifies(tmp_path, cli):
     result = quant_core.quantize(input=src, output=str(tmp_path / "api.safetensors"), merge_loras=(lora, bad),
                                  lora_max_unmatched=1, format="fp8", verify="full")
     assert result.verify.ok and result.lora.unmatched
+
+
+def test_ambiguous_kohya_name_is_not_guessed(tmp_path):
+    base = {"blocks.a_b.weight": rnd(16, 16), "blocks.a.b.weight": rnd(16, 16)}
+    path = save(tmp_path, lora_pair("lora_unet_blocks_a_b", 16, 16)[0])
+    with pytest.raises(QuantError, match="match no weight"):
+        merger_for(base, [(path, 1.0)])
+    dotted = save(tmp_path, lora_pair("diffusion_model.blocks.a_b", 16, 16, style="peft")[0], "dotted.safetensors")
+    assert set(merger_for(base, [(dotted, 1.0)]).pending) == {"blocks.a_b.weight"}

@@ -98,12 +98,16 @@ class ModuleIndex:
         """`weights`: checkpoint key → shape, for every `<layer>.weight`."""
         self.shapes = weights
         self.dotted: dict[str, str] = {}
-        self.underscored: dict[str, str] = {}
+        self.underscored: dict[str, str | None] = {}  # None: two layers share the underscored name (ambiguous)
         for key in weights:
             layer = key[: -len(".weight")]
             for alias in self._aliases(layer):
                 self.dotted.setdefault(alias, key)
-                self.underscored.setdefault(alias.replace(".", "_"), key)
+                flat = alias.replace(".", "_")
+                if self.underscored.get(flat, key) != key:
+                    self.underscored[flat] = None
+                else:
+                    self.underscored[flat] = key
 
     @staticmethod
     def _aliases(layer: str):
