@@ -67,6 +67,7 @@ def convert(input_path: str, output_path: str | None, options: QuantOptions) -> 
         _refuse_quantized_input(reader, input_path)
         plan = build_plan(reader.infos(), options)
         require_work(plan, input_path, fp16=options.format == "fp16")
+        _refuse_name_collisions(reader, plan, input_path)
         output_path = output_path or default_output_name(input_path, options)
         _check_output_path(input_path, output_path)
         merger = _lora_merger(reader, plan, options)
@@ -89,14 +90,30 @@ def _lora_merger(reader: SafetensorsReader, plan: Plan, options: QuantOptions):
 
 
 def _refuse_quantized_input(reader: SafetensorsReader, path: str) -> None:
-    if any(key.endswith(".comfy_quant") for key in reader.keys()) or QUANT_METADATA_KEY in reader.metadata():
+    if any(key.endswith(".comfy_quant") for key in reader.keys()):
         raise QuantError(f"{path}: this file is already quantized (it has .comfy_quant markers); use the original weights")
+    if QUANT_METADATA_KEY in reader.metadata():
+        raise QuantError(f"{path}: this file is already quantized (its header has {QUANT_METADATA_KEY}); "
+                         "use the original weights")
+
+
+def _refuse_name_collisions(reader: SafetensorsReader, plan: Plan, path: str) -> None:
+    """A float weight that already has scale tensors beside it (a partly quantized export) would be written twice."""
+    keys = set(reader.keys())
+    for d in plan.of(QUANTIZE):
+        for suffix, _, _ in d.format.layout(reader.info(d.key).shape):
+            name = f"{d.layer}.{suffix}"
+            if name != d.key and name in keys:
+                raise QuantError(f"{path}: {name} already exists beside the floating-point weight {d.key} (a partly "
+                                 "quantized export?); use the original weights or --exclude-layers for that layer")
 
 
 def _check_output_path(input_path: str, output_path: str) -> None:
     if os.path.abspath(output_path) == os.path.abspath(input_path) or (
             os.path.exists(output_path) and os.path.samefile(output_path, input_path)):
         raise QuantError(f"{output_path}: output path equals the input; choose another -o")
+    if os.path.isdir(output_path):
+        raise QuantError(f"{output_path}: is a directory; give a file name for the output")
     directory = os.path.dirname(os.path.abspath(output_path))
     if not os.path.isdir(directory):
         raise QuantError(f"{output_path}: output directory {directory} does not exist")
@@ -163,8 +180,9 @@ def _quantize_layer(decision: Decision, tensor: torch.Tensor, writer: StreamingW
                     options: QuantOptions, path: str):
     """Quantize and write one layer. Returns (marker conf, stats), or (None, why) if it was kept instead."""
     weight = tensor.to(device=device, dtype=torch.float32, non_blocking=True)
-    if not math.isfinite(float(weight.sum())):  # one cheap pass; NaN and Inf both propagate into the sum
-        bad = int((~torch.isfinite(weight)).sum())
+    # One cheap pass: NaN and Inf propagate into the sum (which can also overflow on huge finite values: recount).
+    bad = 0 if math.isfinite(float(weight.sum())) else int((~torch.isfinite(weight)).sum())
+    if bad:
         if not options.allow_nonfinite:
             raise QuantError(f"{path}: layer {decision.layer} has {bad} NaN/Inf values; fix the checkpoint or pass "
                              "--allow-nonfinite to keep such layers in high precision")

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import re
 from dataclasses import dataclass
 
@@ -68,6 +69,10 @@ class QuantOptions:
                 self.main_format()
             except ValueError as e:
                 raise QuantError(str(e)) from None
+        if self.report_path is not None:
+            directory = os.path.dirname(os.path.abspath(self.report_path))
+            if not os.path.isdir(directory) or not os.access(directory, os.W_OK):
+                raise QuantError(f"--report {self.report_path}: directory {directory} does not exist or is not writable")
         if self.lora_max_unmatched < 0:
             raise QuantError("--lora-max-unmatched must be 0 or more")
         if not math.isfinite(self.merge_lora_scale):

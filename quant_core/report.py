@@ -27,10 +27,19 @@ def sqnr_db(signal_energy: float, noise_energy: float) -> float:
     return 10.0 * math.log10(signal_energy / noise_energy)
 
 
+def safe_norm(x: torch.Tensor) -> float:
+    """‖x‖₂ as a Python float, without fp32 overflow for values near the fp32 limit."""
+    norm = float(torch.linalg.vector_norm(x))
+    if math.isfinite(norm) or not bool(torch.isfinite(x).all()):
+        return norm
+    scale = float(x.abs().max())
+    return float(torch.linalg.vector_norm(x / scale)) * scale
+
+
 def layer_stats(layer: str, fmt, weight: torch.Tensor, approx: torch.Tensor, note: str = "") -> LayerStats:
     """Error statistics of `approx` against `weight`. Consumes `approx` (the difference is formed in place)."""
-    noise = float(torch.linalg.vector_norm(approx.sub_(weight))) ** 2
-    signal = float(torch.linalg.vector_norm(weight)) ** 2
+    noise = safe_norm(approx.sub_(weight)) ** 2
+    signal = safe_norm(weight) ** 2
     return LayerStats(layer, fmt.describe(), tuple(weight.shape), noise / max(weight.numel(), 1),
                       sqnr_db(signal, noise), math.sqrt(noise / signal) if signal else 0.0, note)
 

@@ -17,6 +17,7 @@ from .formats.blocked import blocked_shape, round_up
 from .formats.int8 import is_power_of_4
 from .io.dtypes import FLOAT_TAGS
 from .io.reader import SafetensorsReader
+from .report import safe_norm
 
 QUANT_METADATA_KEY = "_quantization_metadata"
 MARKER = ".comfy_quant"
@@ -346,8 +347,8 @@ def _compare_layer(reader, source, layer, conf, check: LayerCheck, result: Verif
         result.defects.append(f"{layer}: stored weight shape {list(stored)} does not match the reference {[n, k]}")
         return
     dequant = (dequantize_with_comfy_kitchen if check.upstream else _legacy_dequantize)(conf["format"], tensors, conf, (n, k))
-    norm = float(reference.norm())
-    error = float((dequant - reference).norm()) / norm if norm else float((dequant - reference).norm())
+    norm = safe_norm(reference)
+    error = safe_norm(dequant - reference) / (norm or 1.0)
     check.rel_error = error
     if not math.isfinite(error) or error > BROKEN_REL_ERROR.get(conf["format"], BROKEN_REL_ERROR_DEFAULT):
         result.defects.append(f"{layer}: dequantized weight is broken (relative error {error:.3g} vs the reference)")

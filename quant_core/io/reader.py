@@ -72,6 +72,9 @@ def read_header(path: str) -> tuple[dict[str, TensorInfo], dict[str, str], int]:
             head = f.read(8)
             header_len = int.from_bytes(head, "little")
             if len(head) < 8 or header_len == 0 or header_len > MAX_HEADER_BYTES or 8 + header_len > size:
+                if header_len > MAX_HEADER_BYTES and 8 + header_len <= size:
+                    raise QuantError(f"{path}: header of {header_len} bytes exceeds the {MAX_HEADER_BYTES >> 20} MB "
+                                     "limit of the safetensors format")
                 if _looks_like_pickle(head):
                     raise QuantError(f"{path}: this is a pickle/zip checkpoint, not safetensors; it is refused, never unpickled")
                 if len(head) < 8:
@@ -82,8 +85,8 @@ def read_header(path: str) -> tuple[dict[str, TensorInfo], dict[str, str], int]:
         raise QuantError(f"{path}: cannot read: {e.strerror or e}") from None
     try:
         header = json.loads(raw.decode("utf-8"), object_pairs_hook=_reject_duplicates)
-    except (UnicodeDecodeError, ValueError) as e:
-        raise QuantError(f"{path}: malformed safetensors header JSON ({e})") from None
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise QuantError(f"{path}: malformed safetensors header JSON ({str(e)[:100]})") from None
     if not isinstance(header, dict):
         raise QuantError(f"{path}: malformed safetensors header (not a JSON object)")
     data_start = 8 + header_len
@@ -103,9 +106,9 @@ def _validate_entries(path: str, header: dict, data_start: int, size: int) -> di
             raise QuantError(f"{path}: header entry {name!r} is malformed") from None
         if dtype not in SAFETENSORS_DTYPES:
             raise QuantError(f"{path}: tensor {name!r} has unknown dtype {dtype!r}")
-        if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
+        if not isinstance(shape, list) or not all(_is_count(d) for d in shape):
             raise QuantError(f"{path}: tensor {name!r} has an invalid shape {shape!r}")
-        if not (isinstance(begin, int) and isinstance(end, int) and 0 <= begin <= end):
+        if not (_is_count(begin) and _is_count(end) and begin <= end):
             raise QuantError(f"{path}: tensor {name!r} has invalid data offsets {[begin, end]}")
         info = TensorInfo(name, dtype, tuple(shape), data_start + begin, data_start + end)
         if info.nbytes != info.numel * element_size(dtype):
@@ -119,6 +122,11 @@ def _validate_entries(path: str, header: dict, data_start: int, size: int) -> di
         if cur.start < prev.end and cur.nbytes and prev.nbytes:
             raise QuantError(f"{path}: tensors {prev.name!r} and {cur.name!r} overlap in the file")
     return {info.name: info for info in infos}
+
+
+def _is_count(value) -> bool:
+    """A non-negative JSON integer (JSON's true/false are Python ints too, and are refused)."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 class SafetensorsReader:

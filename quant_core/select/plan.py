@@ -151,4 +151,5 @@ def require_work(plan: Plan, path: str, fp16: bool = False) -> None:
         if not any(d.action == KEEP and d.dtype in FLOAT_TAGS and d.dtype != "F16" for d in plan.decisions.values()):
             raise QuantError(f"{path}: nothing to convert to FP16 (no F32/BF16/F64 tensor)")
     elif not plan.of(QUANTIZE):
-        raise QuantError(f"{path}: no quantizable layer (no 2-D floating-point .weight left after the exclusions)")
+        raise QuantError(f"{path}: no quantizable layer (no 2-D F32/F16/BF16/F64 .weight, or all of them were kept "
+                         "by presets, exclusions or shape rules)")
