@@ -244,9 +244,6 @@ def print_result(result, options: QuantOptions) -> None:
     print(f"  {result.report.summary()}")
     if options.report_quality:
         print(result.report.table(limit=None))
-    if options.report_path:
-        result.report.write_json(options.report_path, {"output": result.output, "kept": {
-            d.key: d.reason for d in plan.of("keep") if d.reason}})
 
 
 def run_verify(argv: list[str]) -> int:

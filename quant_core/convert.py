@@ -75,6 +75,9 @@ def convert(input_path: str, output_path: str | None, options: QuantOptions) -> 
     result.seconds = time.perf_counter() - start
     result.input_bytes = os.path.getsize(input_path)
     result.output_bytes = os.path.getsize(result.output)
+    if options.report_path:
+        result.report.write_json(options.report_path, {"output": result.output, "kept": {
+            d.key: d.reason for d in plan.of(KEEP) if d.reason}})
     return result
 
 

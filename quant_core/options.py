@@ -38,7 +38,7 @@ class QuantOptions:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     prefetch_bytes: int = 512 << 20  # read-ahead, and writes waiting on the writer thread, in standard mode
     verify: str = "cheap"
-    report_quality: bool = False
+    report_quality: bool = False  # CLI: print every layer (the API returns the report either way)
     quality_threshold: float = 30.0
     report_path: str | None = None
     overwrite: bool = False
