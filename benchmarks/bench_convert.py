@@ -11,7 +11,6 @@ just written and each run reads it in full).
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import shutil

@@ -5,7 +5,6 @@ import os
 import pytest
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from quant_core.errors import QuantError
 from quant_core.io import SafetensorsReader, StreamingWriter, UnifiedSafetensorsLoader, header_reserve, read_header

@@ -2,7 +2,6 @@
 import os
 import random
 import resource
-import shutil
 import signal
 import subprocess
 import sys

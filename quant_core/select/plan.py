@@ -51,9 +51,6 @@ class Plan:
     def fallbacks(self) -> list[Decision]:
         return [d for d in self.of(QUANTIZE) if d.reason]
 
-    def legacy_layers(self) -> list[Decision]:
-        return [d for d in self.of(QUANTIZE) if not d.format.upstream]
-
 
 def is_candidate(info: TensorInfo) -> bool:
     """A weight ComfyUI can run quantized: a 2-D floating-point `.weight` (Linear layers)."""
