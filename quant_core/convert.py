@@ -153,7 +153,9 @@ def _stream(reader: SafetensorsReader, plan: Plan, output_path: str, options: Qu
     ahead = 0 if options.low_memory else options.prefetch_bytes  # read-ahead and write-behind budget, bytes
     with StreamingWriter(output_path, reserve, overwrite=options.overwrite, background_bytes=ahead) as writer:
         notes += [f"removed {path}, left by an interrupted run" for path in writer.stale_removed]
-        bar = tqdm(total=len(keys), desc=os.path.basename(reader.path), unit="tensor", disable=not options.progress,
+        last_of_layer = {k.rpartition(".")[0]: k for k in keys}  # a layer ticks when its last tensor is done
+        ticks = set(last_of_layer.values())
+        bar = tqdm(total=len(ticks), desc=os.path.basename(reader.path), unit="layer", disable=not options.progress,
                    dynamic_ncols=True)
         for key, tensor in reader.iter_tensors(keys, prefetch_bytes=ahead, threaded=device.type == "cuda"):
             decision = plan.decisions[key]
@@ -169,7 +171,8 @@ def _stream(reader: SafetensorsReader, plan: Plan, output_path: str, options: Qu
             else:
                 _write_kept(key, tensor, writer, options, notes)
             del tensor
-            bar.update(1)
+            if key in ticks:
+                bar.update(1)
         bar.close()
         writer.finish(_output_metadata(metadata, layers_conf, options))
         verification = _verify_temp(writer.temp, reader.path, options, merger)
