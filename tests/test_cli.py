@@ -209,3 +209,46 @@ def test_help_is_grouped_like_the_seed(capsys):
         assert group in text
     for flag in ("--t5xxl", "--zimage_refiner", "--comfy_quant", "--save-quant-metadata", "--scaling_mode", "--low-memory"):
         assert flag in text
+
+
+def test_device_and_verify_flags(cli, flux_file, tmp_path):
+    import torch as _torch
+    if not _torch.cuda.is_available():
+        code, _, err = cli("-i", flux_file, "-o", tmp_path / "a.safetensors", "--device", "cuda")
+        assert code == 2 and "CUDA is not available" in err
+    code, _, err = cli("-i", flux_file, "-o", tmp_path / "b.safetensors", "--device", "tpu9")
+    assert code == 2 and "unknown device" in err
+    code, out, _ = cli("-i", flux_file, "-o", tmp_path / "c.safetensors", "--verify", "off", "--report-quality")
+    assert code == 0 and "verify OK" not in out and "SQNR dB" in out and "double_blocks.0.img_attn.qkv" in out
+    assert not [p for p in os.listdir(tmp_path) if p.startswith(("a.", "b."))]
+
+
+def test_lora_flags_on_the_cli(cli, flux_file, tmp_path):
+    from safetensors import safe_open as _open
+    g = torch.Generator().manual_seed(3)
+    loras = []
+    for i in range(2):
+        path = str(tmp_path / f"l{i}.safetensors")
+        save_file({"lora_unet_double_blocks_0_img_attn_proj.lora_down.weight": torch.randn(4, 256, generator=g),
+                   "lora_unet_double_blocks_0_img_attn_proj.lora_up.weight": torch.randn(256, 4, generator=g)}, path)
+        loras.append(path)
+    with open(tmp_path / "map.json", "w") as f:
+        json.dump({"nothing_like_it": "double_blocks.0.img_attn.proj.weight"}, f)
+    extra = str(tmp_path / "extra.safetensors")
+    save_file({"nothing_like_it.lora_down.weight": torch.randn(4, 256, generator=g),
+               "nothing_like_it.lora_up.weight": torch.randn(256, 4, generator=g)}, extra)
+    outs = {}
+    for name, flags in {"dampened": [], "plain": ["--no-merge-lora-dampen"]}.items():
+        outs[name] = str(tmp_path / f"{name}.safetensors")
+        code, out, err = cli("-i", flux_file, "-o", outs[name], "--fp8", "--merge-loras", *loras, *flags)
+        assert code == 0 and "LoRA: 2 modules merged into 1 weights" in out, err
+    with _open(outs["dampened"], "pt") as a, _open(outs["plain"], "pt") as b:
+        key = "double_blocks.0.img_attn.proj.weight"
+        assert not torch.equal(a.get_tensor(key).view(torch.uint8), b.get_tensor(key).view(torch.uint8))
+    code, _, err = cli("-i", flux_file, "-o", tmp_path / "u.safetensors", "--merge-lora", extra)
+    assert code == 2 and "nothing_like_it" in err
+    code, out, _ = cli("-i", flux_file, "-o", tmp_path / "v.safetensors", "--merge-lora", extra, "--lora-max-unmatched", "1")
+    assert code == 0 and "unmatched LoRA module: nothing_like_it" in out
+    code, out, _ = cli("-i", flux_file, "-o", tmp_path / "w.safetensors", "--merge-lora", extra,
+                       "--lora-mapping", tmp_path / "map.json")
+    assert code == 0 and "LoRA: 1 modules merged into 1 weights" in out
