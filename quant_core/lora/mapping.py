@@ -57,9 +57,9 @@ class Target:
     swap_halves: bool = False  # diffusers' norm_out is [scale, shift]; BFL's final adaLN is [shift, scale]
 
 
-# Flux diffusers module → (BFL layer template, which part of a fused layer, the fused parts in order).
-# Row offsets of fused parts: q/k/v are K rows each (K = hidden size = the fused weight's in-features);
-# a single block's proj_mlp follows them at 3K.
+# Flux diffusers module regex → (BFL layer template, kind). kind None: the whole weight; "qkv": the q/k/v third of a
+# fused layer, K rows each (K = hidden size = the fused weight's in-features); "mlp": a single block's proj_mlp rows,
+# after q/k/v at 3K; "swap": diffusers' [scale, shift] halves go to BFL's [shift, scale].
 FLUX_DIFFUSERS = [
     (r"transformer_blocks\.(\d+)\.attn\.to_([qkv])", "double_blocks.{0}.img_attn.qkv", "qkv"),
     (r"transformer_blocks\.(\d+)\.attn\.add_([qkv])_proj", "double_blocks.{0}.txt_attn.qkv", "qkv"),
@@ -87,8 +87,9 @@ FLUX_DIFFUSERS = [
     (r"norm_out\.linear", "final_layer.adaLN_modulation.1", "swap"),
 ]
 # each pattern also in kohya's underscored form (`lora_transformer_single_transformer_blocks_0_attn_to_k`)
-_FLUX_COMPILED = [(re.compile(rf"^{p}$"), template, kind) for p, template, kind in FLUX_DIFFUSERS] + \
-                 [(re.compile(rf"^{p.replace(chr(92) + '.', '_')}$"), template, kind) for p, template, kind in FLUX_DIFFUSERS]
+_DOT = r"\."
+_FLUX_COMPILED = [(re.compile(f"^{p}$"), template, kind) for p, template, kind in FLUX_DIFFUSERS] + \
+                 [(re.compile(f"^{p.replace(_DOT, '_')}$"), template, kind) for p, template, kind in FLUX_DIFFUSERS]
 
 
 class ModuleIndex:
