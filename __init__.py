@@ -1,10 +1,15 @@
-"""ComfyUI entry point of this node pack.
+"""ComfyUI entry point of this node pack (V3 registration: `comfy_entrypoint`, never NODE_CLASS_MAPPINGS too —
+ComfyUI ignores the entry point when both exist).
 
-The nodes arrive with the node-pack issue; until then the pack registers nothing and loads cleanly both inside
-ComfyUI and as a plain directory on sys.path (the engine lives in `quant_core/`, which never imports comfy).
+Importing this file needs nothing from ComfyUI; the nodes (and comfy_api) are imported only when ComfyUI calls the
+entry point. The engine lives in `quant_core/`, which never imports comfy.
 """
 WEB_DIRECTORY = "./web"
-NODE_CLASS_MAPPINGS: dict = {}
-NODE_DISPLAY_NAME_MAPPINGS: dict = {}
 
-__all__ = ["WEB_DIRECTORY", "NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS"]
+
+async def comfy_entrypoint():
+    from .nodes.extension import QuantCoreExtension
+    return QuantCoreExtension()
+
+
+__all__ = ["WEB_DIRECTORY", "comfy_entrypoint"]

@@ -5,6 +5,7 @@ import json
 import math
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -59,8 +60,12 @@ def pick_device(options: QuantOptions) -> torch.device:
         raise QuantError(f"--device: unknown device {options.device!r} (auto, cpu, cuda, cuda:N)") from None
 
 
-def convert(input_path: str, output_path: str | None, options: QuantOptions) -> ConvertResult:
-    """Convert one safetensors file. Raises QuantError for bad input; leaves no output file on any failure."""
+def convert(input_path: str, output_path: str | None, options: QuantOptions,
+            on_layer: Callable[[int, int], None] | None = None) -> ConvertResult:
+    """Convert one safetensors file. Raises QuantError for bad input; leaves no output file on any failure.
+
+    `on_layer(done, total)` is called after each layer is written (done counts layers, 1…total) and once with
+    (0, total) before the first; it may raise to stop the conversion (ComfyUI's interrupt), which leaves no file."""
     options.validate()
     start = time.perf_counter()
     with SafetensorsReader(input_path, low_memory=True) as reader:
@@ -71,7 +76,7 @@ def convert(input_path: str, output_path: str | None, options: QuantOptions) -> 
         output_path = output_path or default_output_name(input_path, options)
         _check_output_path(input_path, output_path)
         merger = _lora_merger(reader, plan, options)
-        result = _stream(reader, plan, output_path, options, merger)
+        result = _stream(reader, plan, output_path, options, merger, on_layer)
     result.seconds = time.perf_counter() - start
     result.input_bytes = os.path.getsize(input_path)
     result.output_bytes = os.path.getsize(result.output)
@@ -139,7 +144,7 @@ def _planned_entries(reader: SafetensorsReader, plan: Plan):
 
 
 def _stream(reader: SafetensorsReader, plan: Plan, output_path: str, options: QuantOptions,
-            merger=None) -> ConvertResult:
+            merger=None, on_layer=None) -> ConvertResult:
     device = pick_device(options)
     method = get_method(options.method)
     metadata = reader.metadata()
@@ -157,6 +162,9 @@ def _stream(reader: SafetensorsReader, plan: Plan, output_path: str, options: Qu
         ticks = set(last_of_layer.values())
         bar = tqdm(total=len(ticks), desc=os.path.basename(reader.path), unit="layer", disable=not options.progress,
                    dynamic_ncols=True)
+        done = 0
+        if on_layer is not None:
+            on_layer(0, len(ticks))
         for key, tensor in reader.iter_tensors(keys, prefetch_bytes=ahead, threaded=device.type == "cuda"):
             decision = plan.decisions[key]
             if merger is not None:
@@ -173,6 +181,9 @@ def _stream(reader: SafetensorsReader, plan: Plan, output_path: str, options: Qu
             del tensor
             if key in ticks:
                 bar.update(1)
+                done += 1
+                if on_layer is not None:
+                    on_layer(done, len(ticks))
         bar.close()
         writer.finish(_output_metadata(metadata, layers_conf, options))
         verification = _verify_temp(writer.temp, reader.path, options, merger)

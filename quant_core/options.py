@@ -47,6 +47,7 @@ class QuantOptions:
     merge_loras: tuple[str, ...] = ()  # several, the later ones dampened by 0.9^index
     merge_lora_scale: float = 1.0
     merge_lora_dampen: bool = True
+    loras: tuple[tuple[str, float], ...] = ()  # explicit (path, strength) pairs, merged after the flag-given ones
     lora_mapping: str | dict | None = None  # module → weight key overrides (path or object)
     lora_max_unmatched: int = 0  # LoRA modules allowed to match nothing
 
@@ -77,6 +78,9 @@ class QuantOptions:
             raise QuantError("--lora-max-unmatched must be 0 or more")
         if not math.isfinite(self.merge_lora_scale):
             raise QuantError("--merge-lora-scale must be a finite number")
+        for path, strength in self.loras:
+            if not math.isfinite(strength):
+                raise QuantError(f"LoRA {os.path.basename(path)}: strength must be a finite number, got {strength}")
         unknown = [p for p in self.presets if p not in PRESETS]
         if unknown:
             raise QuantError(f"unknown preset {unknown[0]!r} (choose from {', '.join(PRESETS)})")
@@ -96,7 +100,8 @@ class QuantOptions:
     def lora_files(self) -> list[tuple[str, float]]:
         """(path, effective scale) of every LoRA to merge, in order."""
         from .lora.merge import lora_scales
-        return lora_scales(self.merge_lora, tuple(self.merge_loras), self.merge_lora_scale, self.merge_lora_dampen)
+        flagged = lora_scales(self.merge_lora, tuple(self.merge_loras), self.merge_lora_scale, self.merge_lora_dampen)
+        return flagged + [(path, float(strength)) for path, strength in self.loras]
 
     def replace(self, **changes) -> "QuantOptions":
         return dataclasses.replace(self, **changes)

@@ -1,0 +1,14 @@
+"""The ComfyExtension that registers every node of the pack (ComfyUI's V3 entry point)."""
+from comfy_api.latest import ComfyExtension
+
+from .output import SaveQuantized, VerifyQuantized
+from .quantize import QuantizeFP8, QuantizeINT8, QuantizeMXFP8, QuantizeNVFP4
+from .source import LoadSafetensors, MergeLoRA
+
+NODES = [LoadSafetensors, MergeLoRA, QuantizeINT8, QuantizeFP8, QuantizeNVFP4, QuantizeMXFP8, SaveQuantized,
+         VerifyQuantized]
+
+
+class QuantCoreExtension(ComfyExtension):
+    async def get_node_list(self):
+        return list(NODES)

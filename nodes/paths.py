@@ -1,0 +1,91 @@
+"""Where the nodes may read and write: ComfyUI's model folders and output folder, through `folder_paths`.
+
+Every name a node receives is checked twice: it must be one that `folder_paths` lists for that folder, and its
+resolved absolute path must lie inside one of that folder's configured directories. A crafted API prompt therefore
+cannot read `../../etc/passwd` or write outside the output/model folders.
+"""
+from __future__ import annotations
+
+import os
+
+import folder_paths
+
+SOURCE_FOLDERS = ("diffusion_models", "checkpoints", "text_encoders", "loras")
+LORA_FOLDERS = ("loras",)
+SAVE_DESTINATIONS = ("output", "diffusion_models", "checkpoints", "text_encoders")
+VERIFY_FOLDERS = ("output", "diffusion_models", "checkpoints", "text_encoders")
+SUFFIX = ".safetensors"
+
+
+def list_files(folders: tuple[str, ...]) -> list[str]:
+    """`folder/relative/name.safetensors` for every safetensors file ComfyUI lists in those folders."""
+    names = []
+    for folder in folders:
+        names += [f"{folder}/{name}" for name in _folder_listing(folder) if name.lower().endswith(SUFFIX)]
+    return sorted(names)
+
+
+def resolve(name: str, folders: tuple[str, ...]) -> str:
+    """Absolute path of a listed `folder/name`; ValueError (one line) for anything else."""
+    folder, _, relative = name.partition("/")
+    if folder not in folders or not relative:
+        raise ValueError(f"{name!r}: expected one of the listed files (folders: {', '.join(folders)})")
+    if relative not in _folder_listing(folder):
+        raise ValueError(f"{name!r}: no such file in ComfyUI's {folder} folder (refresh the node list?)")
+    for base in _directories(folder):
+        path = os.path.abspath(os.path.join(base, relative))
+        if _inside(path, base) and os.path.isfile(path):
+            return path
+    raise ValueError(f"{name!r}: not inside ComfyUI's {folder} folder")
+
+
+def confine(path: str, folders: tuple[str, ...]) -> str:
+    """An absolute path (e.g. from Save Quantized's output) checked to lie inside one of the folders."""
+    path = os.path.abspath(path)
+    for folder in folders:
+        if any(_inside(path, base) for base in _directories(folder)) and os.path.isfile(path):
+            return path
+    raise ValueError(f"{path}: not a file inside ComfyUI's {', '.join(folders)} folders")
+
+
+def save_path(filename_prefix: str, destination: str) -> tuple[str, str]:
+    """(absolute path, display name) of a new, numbered file for `filename_prefix` in `destination`."""
+    if destination not in SAVE_DESTINATIONS:
+        raise ValueError(f"destination {destination!r}: choose from {', '.join(SAVE_DESTINATIONS)}")
+    base = _save_directory(destination)
+    try:
+        directory, filename, counter, subfolder, _ = folder_paths.get_save_image_path(filename_prefix, base)
+    except Exception as e:  # ComfyUI raises a bare Exception for prefixes that leave the folder
+        raise ValueError(f"filename_prefix {filename_prefix!r}: {str(e).strip('* ')}") from None
+    if not _inside(os.path.abspath(directory), base):
+        raise ValueError(f"filename_prefix {filename_prefix!r} leaves the {destination} folder")
+    os.makedirs(directory, exist_ok=True)
+    name = f"{filename}_{counter:05}_{SUFFIX}"
+    return os.path.join(directory, name), "/".join(p for p in (destination, subfolder, name) if p)
+
+
+def _save_directory(folder: str) -> str:
+    """The folder's own directory (models/diffusion_models rather than the legacy models/unet listed first)."""
+    directories = _directories(folder)
+    return next((d for d in directories if os.path.basename(d) == folder), directories[0])
+
+
+def _folder_listing(folder: str) -> list[str]:
+    if folder == "output":
+        base = folder_paths.get_output_directory()
+        return [os.path.relpath(os.path.join(root, f), base).replace(os.sep, "/")
+                for root, _, files in os.walk(base, followlinks=True) for f in files]
+    return folder_paths.get_filename_list(folder)
+
+
+def _directories(folder: str) -> list[str]:
+    if folder == "output":
+        return [os.path.abspath(folder_paths.get_output_directory())]
+    return [os.path.abspath(d) for d in folder_paths.get_folder_paths(folder)]
+
+
+def _inside(path: str, base: str) -> bool:
+    try:
+        return os.path.commonpath([path, base]) == base
+    except ValueError:  # different drives on Windows
+        return False

@@ -1,0 +1,162 @@
+"""Quantize INT8 / FP8 / NVFP4 / MXFP8: choose the format and the engine's selection settings for the plan.
+
+The node validates its settings through the engine itself (`QuantOptions.validate`, the layer-config parser), both
+in `validate_inputs` and again in `execute`, because older servers skip combo validation.
+"""
+from __future__ import annotations
+
+import json
+
+from comfy_api.latest import io
+
+from ..quant_core.errors import QuantError
+from ..quant_core.options import METHODS, QuantOptions
+from ..quant_core.select.layer_config import load_layer_config
+from ..quant_core.select.presets import PRESETS
+from .recipe import QuantRecipe
+from .types import CATEGORY, QuantPlan
+
+NO_PRESET = "none"
+METHOD_HELP = {"rtn": "round-to-nearest: for the chosen scales it minimises the weight error"}
+
+
+def _common_inputs() -> list:
+    return [
+        QuantPlan.Input("plan", tooltip="The plan from Load Safetensors, Merge LoRA or SmoothQuant."),
+        io.Combo.Input("method", options=list(METHODS), default="rtn",
+                       tooltip="How codes are chosen on the scale grid. " + "; ".join(
+                           f"{m}: {METHOD_HELP.get(m, m)}" for m in METHODS)),
+        io.Combo.Input("preset", options=[NO_PRESET, *PRESETS], default=NO_PRESET,
+                       tooltip="Model preset: which layers stay in high precision or are removed (the converter's "
+                               "--flux2, --t5xxl, --wan … presets). " + "; ".join(
+                                   f"{name}: {p.help}" for name, p in PRESETS.items())),
+        io.String.Input("exclude_layers", default="", tooltip="Regular expression: layers whose name matches stay in "
+                                                              "high precision (empty = none)."),
+        io.Boolean.Input("keep_io_layers", default=True,
+                         tooltip="Keep input embedders and the first/last layers in high precision (recommended: "
+                                 "ComfyUI detects the architecture from some of their shapes)."),
+        io.Boolean.Input("full_precision_matrix_mult", default=False,
+                         tooltip="Store quantized but compute in the model's dtype (ComfyUI reads this per layer)."),
+        io.String.Input("layer_config", default="", multiline=True,
+                        tooltip="Optional per-layer rules as JSON, the same schema as --layer-config (see the README); "
+                                "empty = none."),
+    ]
+
+
+def _settings(format: str, method: str, preset: str, exclude_layers: str, keep_io_layers: bool,
+              full_precision_matrix_mult: bool, layer_config: str, **format_fields) -> dict:
+    """The QuantOptions fields a Quantize node sets; raises QuantError with a one-line message."""
+    fields = dict(format=format, method=method, presets=() if preset == NO_PRESET else (preset,),
+                  exclude_layers=exclude_layers.strip() or None, quantize_io_layers=not keep_io_layers,
+                  full_precision_matrix_mult=full_precision_matrix_mult, **format_fields)
+    if layer_config.strip():
+        try:
+            fields["layer_config"] = json.loads(layer_config)
+        except ValueError as e:
+            raise QuantError(f"layer_config: malformed JSON: {e}") from None
+    options = QuantOptions(**fields).validate()
+    if options.layer_config is not None:
+        load_layer_config(options.layer_config, options)
+    return fields
+
+
+def _validate(plan=None, **inputs) -> bool | str:
+    try:
+        _settings(**inputs)
+    except QuantError as e:
+        return str(e)
+    return True
+
+
+def _execute(plan: QuantRecipe, **inputs) -> io.NodeOutput:
+    try:
+        return io.NodeOutput(plan.with_quantize(**_settings(**inputs)))
+    except QuantError as e:
+        raise ValueError(str(e)) from None
+
+
+def _schema(node_id: str, display_name: str, description: str, format_inputs: list) -> io.Schema:
+    return io.Schema(node_id=node_id, display_name=display_name, category=CATEGORY, description=description,
+                     inputs=_common_inputs()[:1] + format_inputs + _common_inputs()[1:],
+                     outputs=[QuantPlan.Output(display_name="plan", tooltip="The plan with the quantization settings; "
+                                                                            "connect it to Save Quantized.")])
+
+
+class QuantizeINT8(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return _schema("QuantCoreQuantizeINT8", "Quantize INT8", "INT8 weights (int8_tensorwise): half the size of "
+                       "BF16; fast INT8 matmul on GPUs that have it. Per-row scales are the accurate default.", [
+            io.Combo.Input("scaling", options=["row", "tensor"], default="row",
+                           tooltip="row: one scale per output row (accurate); tensor: one scale for the whole weight."),
+            io.Boolean.Input("convrot", default=False,
+                             tooltip="Rotate each row group with a block Hadamard (ConvRot) before rounding: lower "
+                                     "error on weights with outliers; ComfyUI undoes it online. Per-row scaling only."),
+            io.Combo.Input("convrot_group_size", options=["16", "64", "256", "1024"], default="256",
+                           tooltip="ConvRot block size (a power of 4; the input width must be a multiple of it)."),
+        ])
+
+    @classmethod
+    def validate_inputs(cls, **inputs):
+        return _validate(**_int8(**inputs))
+
+    @classmethod
+    def execute(cls, plan, **inputs) -> io.NodeOutput:
+        return _execute(plan, **_int8(**inputs))
+
+
+def _int8(scaling, convrot, convrot_group_size, **rest) -> dict:
+    return dict(rest, format="int8", scaling_mode=scaling, convrot=convrot, convrot_group_size=int(convrot_group_size))
+
+
+class QuantizeFP8(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return _schema("QuantCoreQuantizeFP8", "Quantize FP8", "FP8 weights with one scale per tensor: half the size "
+                       "of BF16, native FP8 matmul on Ada/Hopper/Blackwell GPUs.", [
+            io.Combo.Input("fp8_type", options=["e4m3fn", "e5m2"], default="e4m3fn",
+                           tooltip="e4m3fn: more precision (recommended); e5m2: more range, less precision."),
+        ])
+
+    @classmethod
+    def validate_inputs(cls, **inputs):
+        return _validate(**_fp8(**inputs))
+
+    @classmethod
+    def execute(cls, plan, **inputs) -> io.NodeOutput:
+        return _execute(plan, **_fp8(**inputs))
+
+
+def _fp8(fp8_type, **rest) -> dict:
+    return dict(rest, format="fp8" if fp8_type == "e4m3fn" else "fp8_e5m2")
+
+
+class QuantizeNVFP4(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return _schema("QuantCoreQuantizeNVFP4", "Quantize NVFP4", "NVFP4 weights (4-bit E2M1, FP8 scale per 16 "
+                       "values, one global scale): about a quarter of BF16; native on Blackwell GPUs. The most "
+                       "lossy format: check the quality chart.", [])
+
+    @classmethod
+    def validate_inputs(cls, **inputs):
+        return _validate(format="nvfp4", **inputs)
+
+    @classmethod
+    def execute(cls, plan, **inputs) -> io.NodeOutput:
+        return _execute(plan, format="nvfp4", **inputs)
+
+
+class QuantizeMXFP8(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return _schema("QuantCoreQuantizeMXFP8", "Quantize MXFP8", "MXFP8 weights (FP8 e4m3 with a power-of-two scale "
+                       "per 32 values): BF16 size halved; needs ComfyUI 0.27 or newer to load.", [])
+
+    @classmethod
+    def validate_inputs(cls, **inputs):
+        return _validate(format="mxfp8", **inputs)
+
+    @classmethod
+    def execute(cls, plan, **inputs) -> io.NodeOutput:
+        return _execute(plan, format="mxfp8", **inputs)
