@@ -7,6 +7,7 @@ from .source import LoadSafetensors, MergeLoRA
 
 NODES = [LoadSafetensors, MergeLoRA, QuantizeINT8, QuantizeFP8, QuantizeNVFP4, QuantizeMXFP8, SaveQuantized,
          VerifyQuantized]
+NODES_BY_ID = {node.GET_SCHEMA().node_id: node for node in NODES}
 
 
 class QuantCoreExtension(ComfyExtension):

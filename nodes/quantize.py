@@ -60,17 +60,18 @@ def _settings(format: str, method: str, preset: str, exclude_layers: str, keep_i
     return fields
 
 
-def _validate(plan=None, **inputs) -> bool | str:
+def _validate(node_fields, plan=None, **inputs) -> bool | str:
+    """`node_fields` maps the node's own widgets to QuantOptions fields (and checks its combos)."""
     try:
-        _settings(**inputs)
+        _settings(**node_fields(**inputs))
     except QuantError as e:
         return str(e)
     return True
 
 
-def _execute(plan: QuantRecipe, **inputs) -> io.NodeOutput:
+def _execute(node_fields, plan: QuantRecipe, **inputs) -> io.NodeOutput:
     try:
-        return io.NodeOutput(plan.with_quantize(**_settings(**inputs)))
+        return io.NodeOutput(plan.with_quantize(**_settings(**node_fields(**inputs))))
     except QuantError as e:
         raise ValueError(str(e)) from None
 
@@ -87,25 +88,38 @@ class QuantizeINT8(io.ComfyNode):
     def define_schema(cls):
         return _schema("QuantCoreQuantizeINT8", "Quantize INT8", "INT8 weights (int8_tensorwise): half the size of "
                        "BF16; fast INT8 matmul on GPUs that have it. Per-row scales are the accurate default.", [
-            io.Combo.Input("scaling", options=["row", "tensor"], default="row",
+            io.Combo.Input("scaling", options=INT8_SCALING, default="row",
                            tooltip="row: one scale per output row (accurate); tensor: one scale for the whole weight."),
             io.Boolean.Input("convrot", default=False,
                              tooltip="Rotate each row group with a block Hadamard (ConvRot) before rounding: lower "
                                      "error on weights with outliers; ComfyUI undoes it online. Per-row scaling only."),
-            io.Combo.Input("convrot_group_size", options=["16", "64", "256", "1024"], default="256",
+            io.Combo.Input("convrot_group_size", options=CONVROT_GROUPS, default="256",
                            tooltip="ConvRot block size (a power of 4; the input width must be a multiple of it)."),
         ])
 
     @classmethod
     def validate_inputs(cls, **inputs):
-        return _validate(**_int8(**inputs))
+        return _validate(_int8, **inputs)
 
     @classmethod
     def execute(cls, plan, **inputs) -> io.NodeOutput:
-        return _execute(plan, **_int8(**inputs))
+        return _execute(_int8, plan, **inputs)
+
+
+INT8_SCALING = ["row", "tensor"]
+FP8_TYPES = {"e4m3fn": "fp8", "e5m2": "fp8_e5m2"}
+CONVROT_GROUPS = ["16", "64", "256", "1024"]
+
+
+def _choice(name: str, value, choices) -> None:
+    """Combo values checked here too: older servers skip combo validation."""
+    if value not in choices:
+        raise QuantError(f"{name} {value!r}: choose from {', '.join(map(str, choices))}")
 
 
 def _int8(scaling, convrot, convrot_group_size, **rest) -> dict:
+    _choice("scaling", scaling, INT8_SCALING)
+    _choice("convrot_group_size", str(convrot_group_size), CONVROT_GROUPS)
     return dict(rest, format="int8", scaling_mode=scaling, convrot=convrot, convrot_group_size=int(convrot_group_size))
 
 
@@ -114,21 +128,22 @@ class QuantizeFP8(io.ComfyNode):
     def define_schema(cls):
         return _schema("QuantCoreQuantizeFP8", "Quantize FP8", "FP8 weights with one scale per tensor: half the size "
                        "of BF16, native FP8 matmul on Ada/Hopper/Blackwell GPUs.", [
-            io.Combo.Input("fp8_type", options=["e4m3fn", "e5m2"], default="e4m3fn",
+            io.Combo.Input("fp8_type", options=list(FP8_TYPES), default="e4m3fn",
                            tooltip="e4m3fn: more precision (recommended); e5m2: more range, less precision."),
         ])
 
     @classmethod
     def validate_inputs(cls, **inputs):
-        return _validate(**_fp8(**inputs))
+        return _validate(_fp8, **inputs)
 
     @classmethod
     def execute(cls, plan, **inputs) -> io.NodeOutput:
-        return _execute(plan, **_fp8(**inputs))
+        return _execute(_fp8, plan, **inputs)
 
 
 def _fp8(fp8_type, **rest) -> dict:
-    return dict(rest, format="fp8" if fp8_type == "e4m3fn" else "fp8_e5m2")
+    _choice("fp8_type", fp8_type, list(FP8_TYPES))
+    return dict(rest, format=FP8_TYPES[fp8_type])
 
 
 class QuantizeNVFP4(io.ComfyNode):
@@ -140,11 +155,11 @@ class QuantizeNVFP4(io.ComfyNode):
 
     @classmethod
     def validate_inputs(cls, **inputs):
-        return _validate(format="nvfp4", **inputs)
+        return _validate(_nvfp4, **inputs)
 
     @classmethod
     def execute(cls, plan, **inputs) -> io.NodeOutput:
-        return _execute(plan, format="nvfp4", **inputs)
+        return _execute(_nvfp4, plan, **inputs)
 
 
 class QuantizeMXFP8(io.ComfyNode):
@@ -155,8 +170,16 @@ class QuantizeMXFP8(io.ComfyNode):
 
     @classmethod
     def validate_inputs(cls, **inputs):
-        return _validate(format="mxfp8", **inputs)
+        return _validate(_mxfp8, **inputs)
 
     @classmethod
     def execute(cls, plan, **inputs) -> io.NodeOutput:
-        return _execute(plan, format="mxfp8", **inputs)
+        return _execute(_mxfp8, plan, **inputs)
+
+
+def _nvfp4(**rest) -> dict:
+    return dict(rest, format="nvfp4")
+
+
+def _mxfp8(**rest) -> dict:
+    return dict(rest, format="mxfp8")

