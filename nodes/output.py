@@ -122,7 +122,7 @@ class VerifyQuantized(io.ComfyNode):
             result = verify_file(target, reference=source, allow_legacy=True)
         except QuantError as e:
             raise ValueError(str(e)) from None
-        report = verification_report(result, path or file)
+        report = verification_report(result, paths.display_name(target, paths.VERIFY_FOLDERS))
         return io.NodeOutput(result.summary(), ui={"quant_report": [report], "text": [result.summary()]})
 
 

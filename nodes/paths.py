@@ -48,6 +48,15 @@ def confine(path: str, folders: tuple[str, ...]) -> str:
     raise ValueError(f"{path}: not a file inside ComfyUI's {', '.join(folders)} folders")
 
 
+def display_name(path: str, folders: tuple[str, ...]) -> str:
+    """`folder/relative` for an absolute path inside one of the folders (else the file name)."""
+    for folder in folders:
+        for base in _directories(folder):
+            if _inside(path, base):
+                return f"{folder}/" + os.path.relpath(path, base).replace(os.sep, "/")
+    return os.path.basename(path)
+
+
 def save_path(filename_prefix: str, destination: str) -> tuple[str, str]:
     """(absolute path, display name) of a new, numbered file for `filename_prefix` in `destination`."""
     if destination not in SAVE_DESTINATIONS:

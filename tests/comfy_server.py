@@ -102,6 +102,12 @@ class ComfyServer:
         with urllib.request.urlopen(self.url + path, timeout=30) as response:
             return json.loads(response.read())
 
+    def post_json(self, path: str, value) -> int:
+        request = urllib.request.Request(self.url + path, data=json.dumps(value).encode(),
+                                         headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return response.status
+
     def post_prompt(self, prompt: dict, client_id: str) -> tuple[int, dict]:
         body = json.dumps({"prompt": prompt, "client_id": client_id}).encode()
         request = urllib.request.Request(self.url + "/prompt", data=body, headers={"Content-Type": "application/json"})

@@ -23,7 +23,7 @@ from test_comfyui_loader import comfy_loadable_flux
 
 pytestmark = pytest.mark.server
 ARTIFACTS = os.environ.get("QUANT_CORE_ARTIFACTS") or str(ROOT / "artifacts")
-EXAMPLES = ROOT / "example_workflows"
+EXAMPLES = ROOT / "example_workflows" / "api"
 MODEL, LORA = "tiny_flux.safetensors", "tiny_lora.safetensors"
 
 
@@ -81,7 +81,7 @@ def saved_path(run, node_id: str) -> str:
 
 
 def test_example_int8_workflow_runs_with_progress_and_verifies(server):
-    run = server.run(example("flux_int8_api.json"))
+    run = server.run(example("flux_int8.json"))
     keep_transcript(run, "flux_int8_api")
     assert run.status == 200 and run.end == "execution_success", run.transcript()
     progress = [m for m in run.of("progress") if m.get("node") == "3"]
@@ -106,7 +106,7 @@ def test_example_int8_workflow_runs_with_progress_and_verifies(server):
 
 
 def test_example_fp8_lora_workflow(server):
-    run = server.run(example("flux_fp8_lora_api.json"))
+    run = server.run(example("flux_fp8_lora.json"))
     keep_transcript(run, "flux_fp8_lora_api")
     assert run.end == "execution_success", run.transcript()
     report = run.history["outputs"]["4"]["quant_report"][0]
@@ -115,15 +115,15 @@ def test_example_fp8_lora_workflow(server):
 
 
 def test_bad_input_is_a_node_error_not_a_crash(server):
-    prompt = example("flux_int8_api.json")
+    prompt = example("flux_int8.json")
     prompt["1"]["inputs"]["model"] = "diffusion_models/../../../etc/passwd"
     run = server.run(prompt)
     assert run.status == 400 and "1" in run.response["node_errors"], run.response
-    prompt = example("flux_int8_api.json")
+    prompt = example("flux_int8.json")
     prompt["2"]["inputs"]["exclude_layers"] = "(["
     run = server.run(prompt)
     assert run.status == 400 and "bad regular expression" in json.dumps(run.response["node_errors"]["2"])
-    prompt = example("flux_int8_api.json")
+    prompt = example("flux_int8.json")
     prompt["3"]["inputs"]["filename_prefix"] = "../../escape"
     run = server.run(prompt)
     assert run.status == 400 and "3" in run.response["node_errors"]
@@ -131,7 +131,7 @@ def test_bad_input_is_a_node_error_not_a_crash(server):
 
 
 def test_failure_during_execution_reports_the_node_and_leaves_no_file(server):
-    wrong = copy.deepcopy(example("flux_fp8_lora_api.json"))
+    wrong = copy.deepcopy(example("flux_fp8_lora.json"))
     save_file({"lora_te_text_model_x.lora_down.weight": torch.zeros(4, 8),
                "lora_te_text_model_x.lora_up.weight": torch.zeros(8, 4)}, str(server.models("loras") / "other.safetensors"))
     wrong["2"]["inputs"]["lora"] = "loras/other.safetensors"

