@@ -42,3 +42,25 @@ def test_verify_stays_a_function_whatever_was_imported_first():
     code = ("import quant_core.convert, quant_core.verify, quant_core; "
             "assert callable(quant_core.verify), quant_core.verify")
     assert subprocess.run([sys.executable, "-c", code], cwd=ROOT).returncode == 0
+
+
+def test_registry_rules_no_eval_exec_or_runtime_pip():
+    """What `comfy node validate` scans for: no eval/exec, no installing packages at run time."""
+    for folder in ("quant_core", "nodes"):
+        for path in (ROOT / folder).rglob("*.py"):
+            tree = ast.parse(path.read_text())
+            for node in ast.walk(tree):
+                if isinstance(node, ast.Call) and isinstance(node.func, ast.Name):
+                    assert node.func.id not in ("eval", "exec"), (path, node.lineno)
+            assert "pip install" not in path.read_text() and "import pip" not in path.read_text(), path
+
+
+def test_registry_metadata_and_requirements_match_the_project():
+    import tomllib
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    comfy = project["tool"]["comfy"]
+    assert comfy["PublisherId"] and comfy["DisplayName"] and "web" not in comfy
+    assert project["project"]["urls"]["Repository"].startswith("https://")
+    requirements = [line.split("#")[0].strip() for line in (ROOT / "requirements.txt").read_text().splitlines()]
+    runtime = [d for d in project["project"]["dependencies"] if not d.startswith("torch")]
+    assert [r for r in requirements if r] == runtime
