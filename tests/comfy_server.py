@@ -56,7 +56,7 @@ class ComfyServer:
         shutil.copytree(self.tree, code, ignore=skip)
         (self.base / "custom_nodes").mkdir(parents=True)
         (self.base / "custom_nodes" / PACK_NAME).symlink_to(ROOT, target_is_directory=True)
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join(self._stub_paths()), PYTHONWARNINGS="ignore")
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(self.stub_paths()), PYTHONWARNINGS="ignore")
         self.log = open(self.log_path, "w")
         self.process = subprocess.Popen(
             [self.python, "main.py", "--cpu", "--base-directory", str(self.base), "--port", str(self.port),
@@ -92,7 +92,7 @@ class ComfyServer:
     def log_text(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
-    def _stub_paths(self) -> list[str]:
+    def stub_paths(self) -> list[str]:
         probe = subprocess.run([self.python, "-c", "import torchvision, torchaudio"], capture_output=True)
         return [str(STUBS)] if probe.returncode else []
 

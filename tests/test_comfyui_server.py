@@ -101,7 +101,8 @@ def test_example_int8_workflow_runs_with_progress_and_verifies(server):
         check = subprocess.run([server.python, str(ROOT / "tests" / "comfyui_check.py"), path,
                                 str(server.models("diffusion_models") / MODEL), "--unet", "require",
                                 "--expect-format", "int8_tensorwise"], cwd=ROOT / "tests",
-                               env=dict(os.environ, PYTHONPATH=str(server.tree)), capture_output=True, text=True)
+                               env=dict(os.environ, PYTHONPATH=os.pathsep.join([str(server.tree), *server.stub_paths()])),
+                               capture_output=True, text=True)
         assert "RESULT: OK" in check.stdout, check.stdout[-3000:] + check.stderr[-2000:]
 
 
