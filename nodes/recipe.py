@@ -32,13 +32,13 @@ class QuantRecipe:
     transform: tuple[tuple[str, object], ...] = ()  # QuantOptions fields set by transform nodes (SmoothQuant)
     quantize: tuple[tuple[str, object], ...] = ()  # QuantOptions fields set by a Quantize node
 
-    def with_lora(self, step: LoraStep) -> "QuantRecipe":
+    def with_lora(self, step: LoraStep) -> QuantRecipe:
         return dataclasses.replace(self, loras=self.loras + (step,))
 
-    def with_transform(self, **fields) -> "QuantRecipe":
+    def with_transform(self, **fields) -> QuantRecipe:
         return dataclasses.replace(self, transform=tuple({**dict(self.transform), **fields}.items()))
 
-    def with_quantize(self, **fields) -> "QuantRecipe":
+    def with_quantize(self, **fields) -> QuantRecipe:
         if self.quantize:
             raise QuantError("this plan is already quantized by an earlier Quantize node; use one Quantize node per chain")
         return dataclasses.replace(self, quantize=tuple(fields.items()))

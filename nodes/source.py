@@ -5,8 +5,8 @@ import math
 
 from comfy_api.latest import io
 
-from ..quant_core.lora.merge import LoraMerger
 from ..quant_core.errors import QuantError
+from ..quant_core.lora.merge import LoraMerger
 from . import paths
 from .recipe import LoraStep, QuantRecipe, file_fingerprint
 from .types import CATEGORY, QuantPlan
