@@ -27,11 +27,6 @@ def quantize(input: str, output: str | None = None, **options):
     return convert(input, output, QuantOptions(**options))
 
 
-# Importing the submodule `quant_core.verify` later would rebind this package's attribute `verify` to the module,
-# replacing the function below; loading it first keeps `quant_core.verify(path)` a function in every import order.
-from . import verify as _verify_module  # noqa: E402,F401
-
-
 def verify(path: str, reference: str | None = None, allow_legacy: bool = False):
     """Check a file against ComfyUI's loading contract; see `quant_core.verify.verify_file`."""
     from .verify import verify_file

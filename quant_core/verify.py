@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import json
 import math
+import sys
+import types
 from dataclasses import dataclass, field
 
 import torch
@@ -405,3 +407,14 @@ def verify_or_raise(path: str, reference: str | None = None, allow_legacy: bool 
     if not result.ok:
         raise QuantError(f"{path}: {result.defects[0]}")
     return result
+
+
+class _CallableModule(types.ModuleType):
+    """Importing this submodule rebinds the package attribute `quant_core.verify` (the library function) to the module;
+    calling the module does what the function does, so `quant_core.verify(path)` works in every import order."""
+
+    def __call__(self, path: str, reference: str | None = None, allow_legacy: bool = False) -> VerifyResult:
+        return verify_file(path, reference, allow_legacy)
+
+
+sys.modules[__name__].__class__ = _CallableModule
