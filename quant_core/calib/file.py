@@ -1,8 +1,8 @@
 """The calibration statistics file (FORMATS.md §4): one safetensors file, keys `<layer>.<statistic>`.
 
 Besides the keys of §4 this project writes two optional ones (README "Calibration file"): `<layer>.input_mean`
-(fp32 [K], E[x], for bias correction) and `<layer>.heldout_hessian` (fp32 [K,K], E[x xᵀ] over tokens the methods do
-not see, for the report's held-out output SQNR). Readers that do not know them ignore them.
+(fp32 [K], E[x], for bias correction), `<layer>.heldout_hessian` (fp32 [K,K], E[x xᵀ] over tokens the methods do
+not see) and `<layer>.heldout_mean` (fp32 [K]), for the report's held-out output SQNR. Readers that do not know them ignore them.
 """
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ FORMAT_NAME = "quant_calibration"
 VERSION = "1"
 SUFFIXES = {  # statistic suffix → InputStats field
     "input_absmax": "absmax", "input_mean_sq": "mean_sq", "hessian": "hessian", "input_mean": "mean",
-    "heldout_hessian": "heldout_hessian", "input_scale": "input_scale", "n_tokens": "n_tokens",
+    "heldout_hessian": "heldout_hessian", "heldout_mean": "heldout_mean", "input_scale": "input_scale", "n_tokens": "n_tokens",
 }
 REQUIRED = ("input_absmax", "n_tokens")
 
@@ -33,8 +33,9 @@ def save_calibration(path: str, stats: dict[str, InputStats], source: str) -> No
             if value is None:
                 continue
             if field == "n_tokens":
-                value = torch.tensor(int(value), dtype=torch.int64)
-            tensors[f"{layer}.{suffix}"] = value.detach().float().cpu().contiguous()
+                tensors[f"{layer}.{suffix}"] = torch.tensor(int(value), dtype=torch.int64)
+            else:
+                tensors[f"{layer}.{suffix}"] = value.detach().float().cpu().contiguous()
     meta = {"format": FORMAT_NAME, "version": VERSION, "source": source}
     save_file(tensors, path, metadata=meta)
 
@@ -95,7 +96,8 @@ def _build(values: dict, layer: str, k: int | None, path: str) -> InputStats:
         raise QuantError(f"{where}.n_tokens must be one positive integer")
     absmax = values["absmax"]
     k = absmax.shape[0] if k is None else k
-    expected = {"absmax": (k,), "mean_sq": (k,), "mean": (k,), "hessian": (k, k), "heldout_hessian": (k, k)}
+    expected = {"absmax": (k,), "mean_sq": (k,), "mean": (k,), "hessian": (k, k), "heldout_hessian": (k, k),
+                "heldout_mean": (k,)}
     for field, value in values.items():
         want = expected.get(field)
         if field == "input_scale" and value.numel() != 1 or want is not None and tuple(value.shape) != want:

@@ -20,7 +20,8 @@ class SweepConfig:
     damp: float = 0.01  # λ = damp · mean(diag H) added to the diagonal (Hessian dampening)
     block_size: int = 128  # columns per lazy batch
     act_order: bool = True  # quantize columns with the largest E[x_k²] first
-    offload_segments: int = 1  # > 1: keep U on the CPU, move it to the device in this many row segments
+    offload_segments: int = 1  # > 1: keep U on the CPU, move it to the device in this many row segments …
+    offload_min_k: int = 0  # … for layers with at least this many input features
 
 
 def inverse_factor(hessian: torch.Tensor, damp: float) -> torch.Tensor:
@@ -61,8 +62,12 @@ def sweep(work: torch.Tensor, scale: torch.Tensor, hessian: torch.Tensor, round_
     return codes
 
 
+def _offloads(k: int, config: SweepConfig) -> bool:
+    return config.offload_segments > 1 and k >= config.offload_min_k
+
+
 def _segments(k: int, config: SweepConfig) -> list[tuple[int, int]]:
-    parts = max(1, config.offload_segments)
+    parts = config.offload_segments if _offloads(k, config) else 1
     step = -(-k // parts)
     step = -(-step // config.block_size) * config.block_size
     return [(start, min(start + step, k)) for start in range(0, k, step)]
@@ -71,7 +76,7 @@ def _segments(k: int, config: SweepConfig) -> list[tuple[int, int]]:
 def _sweep_blocks(weights, scales, divisors, upper, round_fn, config: SweepConfig) -> torch.Tensor:
     n, k = weights.shape
     codes = torch.empty_like(weights)
-    offload = config.offload_segments > 1
+    offload = _offloads(k, config)
     host_upper = upper.cpu() if offload else None
     if offload:
         del upper
