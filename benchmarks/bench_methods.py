@@ -190,7 +190,7 @@ def calibrate(sentences: list[str], workdir: str, name: str) -> str:
         f.write("\n".join(sentences) + "\n")
     out = os.path.join(workdir, f"{name}.safetensors")
     code = main(["calibrate", "-i", minilm.weights_path(), "-o", out, "--hf-model", minilm.model_dir(), "--text", text,
-                 "--heldout-every", "8"])
+                 "--heldout-every", "0"])
     assert code == 0
     return out
 
@@ -251,7 +251,7 @@ def main() -> int:
                                  "sqnr_db": db, "delta_db": db - baseline, "s_per_layer": seconds})
                     print_row(rows[-1], header=len(rows) == 1)
     print(f"\ncalibration: {len(CALIBRATION)} sentences ({judge.count_tokens(CALIBRATION)} tokens incl. [CLS]/[SEP], "
-          f"1/8 of the sentences held out for the report); evaluation: {len(EVALUATION)} other sentences "
+          f"all used for fitting); evaluation: {len(EVALUATION)} other sentences "
           f"({int(judge.mask.sum())} tokens)")
     if args.json:
         with open(args.json, "w") as f:

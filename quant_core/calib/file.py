@@ -35,7 +35,7 @@ def save_calibration(path: str, stats: dict[str, InputStats], source: str) -> No
             if field == "n_tokens":
                 tensors[f"{layer}.{suffix}"] = torch.tensor(int(value), dtype=torch.int64)
             else:
-                tensors[f"{layer}.{suffix}"] = value.detach().float().cpu().contiguous()
+                tensors[f"{layer}.{suffix}"] = value.detach().float().cpu().clone()  # own storage: layers may share
     meta = {"format": FORMAT_NAME, "version": VERSION, "source": source}
     save_file(tensors, path, metadata=meta)
 

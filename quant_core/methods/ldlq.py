@@ -17,7 +17,7 @@ from ..errors import QuantError
 
 @dataclass
 class SweepConfig:
-    damp: float = 0.01  # λ = damp · mean(diag H) added to the diagonal (Hessian dampening)
+    damp: float = 0.1  # λ = damp · mean(diag H) added to the diagonal (Hessian dampening)
     block_size: int = 128  # columns per lazy batch
     act_order: bool = True  # quantize columns with the largest E[x_k²] first
     offload_segments: int = 1  # > 1: keep U on the CPU, move it to the device in this many row segments …
