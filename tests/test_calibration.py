@@ -16,7 +16,8 @@ def correlated_inputs(tokens: int, k: int, seed: int = 0) -> torch.Tensor:
     return torch.randn(tokens, k, generator=g) @ mix + torch.randn(k, generator=g)
 
 
-def test_streaming_accumulation_equals_one_shot():
+def test_streaming_accumulation_equals_one_shot(monkeypatch):
+    monkeypatch.setattr(StatsAccumulator, "FLUSH_TOKENS", 100)  # the streamed run flushes 9 times, one-shot once
     x = correlated_inputs(1000, 48)
     streamed = StatsAccumulator(48)
     for chunk in torch.split(x, 37):

@@ -37,9 +37,12 @@ class InputStats:
 
 
 class StatsAccumulator:
-    """Streaming sums over batches of inputs [T, K]: memory is O(K²) (or O(K) without a Hessian), independent of
-    the number of tokens. Sums are kept in float64 (the [K,K] one only up to K = 4096, fp32 above, to bound memory) so
-    that many small batches give the same result as one big one."""
+    """Streaming sums over batches of inputs [T, K]: memory is O(K²) (or O(K) without a Hessian) plus a buffer of
+    FLUSH_TOKENS inputs, independent of the number of tokens. Inputs are buffered so that the Gram update is one
+    large fp32 matmul per FLUSH_TOKENS tokens (small batches, like one sentence, would each pay a [K,K] pass);
+    the running sums are float64 (the [K,K] one only up to K = 4096, fp32 above, to bound memory)."""
+
+    FLUSH_TOKENS = 4096
 
     def __init__(self, k: int, hessian: bool = True, device=None):
         self.k = k
@@ -49,23 +52,33 @@ class StatsAccumulator:
         self.sum_sq = torch.zeros(k, dtype=torch.float64, device=device)
         gram_dtype = torch.float64 if k <= 4096 else torch.float32
         self.gram = torch.zeros(k, k, dtype=gram_dtype, device=device) if hessian and k <= MAX_HESSIAN_K else None
+        self._buffer: list[torch.Tensor] = []
+        self._buffered = 0
 
     def add(self, x: torch.Tensor) -> None:
         """Add a batch of inputs (any leading shape, last dimension K)."""
         x = x.detach().reshape(-1, self.k)
         if not x.shape[0]:
             return
-        x = x.to(device=self.sum.device)
-        self.absmax = torch.maximum(self.absmax, x.abs().amax(dim=0).float())
-        x64 = x.double()
-        self.sum += x64.sum(dim=0)
-        self.sum_sq += (x64 * x64).sum(dim=0)
+        self._buffer.append(x.to(device=self.sum.device, dtype=torch.float32, copy=True))
+        self._buffered += x.shape[0]
+        if self._buffered >= self.FLUSH_TOKENS:
+            self._flush()
+
+    def _flush(self) -> None:
+        if not self._buffer:
+            return
+        x = torch.cat(self._buffer)
+        self._buffer, self._buffered = [], 0
+        self.absmax = torch.maximum(self.absmax, x.abs().amax(dim=0))
+        self.sum += x.sum(dim=0, dtype=torch.float64)
+        self.sum_sq += (x * x).sum(dim=0, dtype=torch.float64)
         if self.gram is not None:
-            xg = x64.to(self.gram.dtype)
-            self.gram += xg.T @ xg
+            self.gram += (x.T @ x).to(self.gram.dtype)
         self.n += x.shape[0]
 
     def result(self) -> InputStats:
+        self._flush()
         n = max(self.n, 1)
         hessian = None if self.gram is None else (self.gram / n).float().cpu()
         return InputStats(self.absmax.cpu(), (self.sum_sq / n).float().cpu(), self.n, hessian,
