@@ -228,3 +228,12 @@ def test_quip_checkpointed_cli_matches_plain(cli, calibrated_model, tmp_path):
     with safe_open(str(tmp_path / "a.safetensors"), "pt") as a, safe_open(str(tmp_path / "b.safetensors"), "pt") as b:
         diff = (a.get_tensor("enc.a.weight").int() - b.get_tensor("enc.a.weight").int()).abs()
         assert int(diff.max()) <= 1 and float((diff > 0).float().mean()) < 0.01
+
+
+def test_report_says_when_a_method_does_not_beat_rtn(calibrated_model, tmp_path):
+    """QuIP stored in the original space re-quantizes by RTN: on these inputs it loses, and the report says so."""
+    src, calib, _ = calibrated_model
+    result = quant_core.quantize(src, str(tmp_path / "o.safetensors"), method="quip", calibration_data=calib)
+    layer = next(s for s in result.report.layers if s.layer == "enc.a")
+    assert layer.output_sqnr_db < layer.rtn_output_sqnr_db
+    assert "NOT better than RTN" in result.report.summary()
