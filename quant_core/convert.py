@@ -74,7 +74,10 @@ def convert(input_path: str, output_path: str | None, options: QuantOptions) -> 
         _check_output_path(input_path, output_path)
         merger = _lora_merger(reader, plan, options)
         calibration = _calibration(reader, plan, options)
-        result = _stream(reader, plan, output_path, options, merger, calibration)
+        try:
+            result = _stream(reader, plan, output_path, options, merger, calibration)
+        finally:
+            calibration.close()
     result.seconds = time.perf_counter() - start
     result.input_bytes = os.path.getsize(input_path)
     result.output_bytes = os.path.getsize(result.output)

@@ -55,6 +55,10 @@ class LayerCalibration:
         return {"output_sqnr_db": method_db, "rtn_output_sqnr_db": rtn_db,
                 "calibration": "output SQNR on " + ("held-out" if heldout else "the same (in-sample)") + " tokens"}
 
+    def close(self) -> None:
+        if self.source is not None and self.source.file is not None:
+            self.source.file.close()
+
     def corrected_bias(self, key: str, tensor: torch.Tensor) -> torch.Tensor:
         """The bias with its layer's correction added (unchanged if none is pending)."""
         shift = self.bias_shifts.pop(key[: -len(".bias")], None) if key.endswith(".bias") else None
