@@ -34,3 +34,17 @@ def test_demo_converts_and_verifies_every_format(capsys):
     assert out.count(" ok") == len(DEMO_RUNS) and "FAILED" not in out
     for name in ("int8 per-row", "ConvRot", "fp8 e4m3fn", "fp8 e5m2", "nvfp4", "mxfp8"):
         assert name in out
+
+
+def test_console_scripts_and_packages_are_declared():
+    import importlib
+    import tomllib
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    scripts = project["project"]["scripts"]
+    assert scripts["calibrate_activation_scales"] == "quant_core.calib.cli:main"
+    for target in scripts.values():
+        module, _, func = target.partition(":")
+        assert callable(getattr(importlib.import_module(module), func))
+    declared = set(project["tool"]["setuptools"]["packages"])
+    on_disk = {".".join(p.parent.relative_to(ROOT).parts) for p in (ROOT / "quant_core").rglob("__init__.py")}
+    assert on_disk <= declared, on_disk - declared
