@@ -1,6 +1,6 @@
 """`python -m quant_core` / `convert_to_quant`: the headless converter, with the seed tool's flag names.
 
-Subcommands: `verify OUT [--reference SRC]`, `demo`. Anything else is a conversion (`-i model.safetensors …`).
+Subcommands: `verify OUT [--reference SRC]`, `calibrate -i MODEL -o CALIB`, `demo`. Anything else is a conversion (`-i model.safetensors …`).
 """
 from __future__ import annotations
 
@@ -20,7 +20,6 @@ FORMAT_SHORTHANDS = {"int8": "int8", "fp8": "fp8", "nvfp4": "nvfp4", "mxfp8": "m
 # Flags of the seed that belong to capabilities not in this version yet: accepted by the parser so the message is
 # clear, refused when used. (flag names, takes a value, what it is for)
 NOT_YET = [
-    (("--optimizer",), True, "learned rounding / GPTQ / QuIP"),
     (("--num_iter", "--num-iter"), True, "learned rounding"),
     (("--lr",), True, "learned rounding"),
     (("--lr_schedule", "--lr-schedule"), True, "learned rounding"),
@@ -40,17 +39,8 @@ NOT_YET = [
     (("--min_k", "--min-k"), True, "learned rounding"),
     (("--max_k", "--max-k"), True, "learned rounding"),
     (("--full_matrix", "--full-matrix"), False, "learned rounding"),
-    (("--quip-actorder",), False, "QuIP"),
-    (("--quip-hadamard",), False, "QuIP"),
-    (("--quip-seed",), True, "QuIP"),
-    (("--quip-store-transformed",), False, "QuIP"),
-    (("--quip-checkpointed",), False, "QuIP"),
-    (("--quip-checkpoint-threshold",), True, "QuIP"),
-    (("--quip-checkpoint-segments",), True, "QuIP"),
     (("--smoothquant",), False, "SmoothQuant"),
     (("--smoothquant-alpha",), True, "SmoothQuant"),
-    (("--calibration-data",), True, "calibration"),
-    (("--calibration-lora",), True, "calibration"),
     (("--static-activations",), False, "static activation scales"),
     (("--actcal",), False, "activation scale calibration"),
     (("--streaming-mode",), True, "GPU streaming thresholds"),
@@ -80,8 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
               "   |   convert_to_quant demo",
         description="Quantize a safetensors checkpoint into a file stock ComfyUI (v0.27+) loads. Default: INT8 with "
                     "per-row scales (int8_tensorwise, [N,1] scales), round-to-nearest, verified after writing.",
-        epilog="Subcommands: `verify OUT.safetensors [--reference SRC]`, `demo`. "
-               "Flags of later capabilities (methods, LoRA, SmoothQuant, calibration) are listed but refused for now.")
+        epilog="Subcommands: `verify OUT.safetensors [--reference SRC]`, `calibrate -i MODEL -o CALIB.safetensors` "
+               "(= calibrate_activation_scales), `demo`. Flags of later capabilities (learned rounding, SmoothQuant, "
+               "static activations, BF16/streaming controls) are listed but refused for now.")
     parser.add_argument("--version", action="version", version=f"quant_core {__version__}")
     req = parser.add_argument_group("Required Arguments")
     req.add_argument("-i", "--input", required=True, help="input .safetensors file")
@@ -89,6 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_format_group(parser)
     _add_quantization_group(parser)
     _add_preset_group(parser)
+    _add_method_group(parser)
     _add_lora_group(parser)
     _add_memory_group(parser)
     _add_not_yet_group(parser)
@@ -126,7 +118,7 @@ def _add_format_group(parser):
 
 def _add_quantization_group(parser):
     q = parser.add_argument_group("Quantization Options")
-    q.add_argument("--simple", action="store_true", help="round-to-nearest (the only method in this version)")
+    q.add_argument("--simple", action="store_true", help="round-to-nearest (same as --optimizer rtn)")
     q.add_argument("--heur", action="store_true", help="keep layers with poor shapes for quantization in high precision")
     q.add_argument("--exclude-layers", "--exclude_layers", metavar="REGEX", help="keep layers matching REGEX unquantized")
     q.add_argument("--layer-config", "--layer_config", metavar="FILE.json", help="per-layer rules (see README)")
@@ -140,6 +132,46 @@ def _add_quantization_group(parser):
     q.add_argument("--verify", choices=["off", "cheap", "full"], default="cheap",
                    help="check the written file: cheap (header, markers, scales; default) or full (also every layer "
                         "against the input through comfy-kitchen)")
+
+
+def _add_method_group(parser):
+    from .methods import HELP
+    from .options import LEARNED_ROUNDING, METHODS
+    m = parser.add_argument_group("Methods & Calibration (GPTQ, QuIP, bias correction)")
+    m.add_argument("--optimizer", choices=[*METHODS, *LEARNED_ROUNDING], default=None,
+                   help="; ".join(f"{name}: {text}" for name, text in HELP.items()) + ". Default rtn. "
+                        f"{'/'.join(LEARNED_ROUNDING)} (learned rounding) are not in this build")
+    m.add_argument("--calibration-data", "--calibration_data", metavar="CALIB.safetensors",
+                   help="per-layer input statistics (make with calibrate_activation_scales); without it GPTQ/QuIP use "
+                        "synthetic N(0, I) inputs and cannot beat RTN on real outputs")
+    m.add_argument("--calibration-lora", "--calibration_lora", metavar="LORA.safetensors",
+                   help="LoRA-informed calibration: half the input energy in the span of the LoRA's down-projections")
+    m.add_argument("--bias-correction", action=argparse.BooleanOptionalAction, default=True,
+                   help="b' = b + (W - Ŵ)·E[x] for layers with a bias, from --calibration-data means (default on; "
+                        "synthetic and LoRA inputs have mean 0: nothing to correct)")
+    m.add_argument("--gptq-damp", type=float, default=0.1,
+                   help="GPTQ/QuIP Hessian dampening, fraction of mean(diag H) (0.1; measured best on MiniLM with ~1k "
+                        "calibration tokens, try 0.01 with many more)")
+    m.add_argument("--gptq-block-size", type=int, default=128, help="columns per lazy batch update (128)")
+    m.add_argument("--gptq-actorder", action=argparse.BooleanOptionalAction, default=True,
+                   help="GPTQ: quantize the columns with the largest E[x²] first (default on)")
+    m.add_argument("--scale-search", action=argparse.BooleanOptionalAction, default=True,
+                   help="GPTQ/QuIP, INT8/FP8: per-row (per-tensor) clip factor minimizing the E[x²]-weighted error "
+                        "(default on)")
+    m.add_argument("--quip-seed", type=int, default=0, help="seed of QuIP's random signs / orthogonal matrices (0)")
+    m.add_argument("--quip-hadamard", action=argparse.BooleanOptionalAction, default=True,
+                   help="QuIP incoherence by a randomized block Hadamard (default) or a random orthogonal matrix")
+    m.add_argument("--quip-actorder", action=argparse.BooleanOptionalAction, default=True,
+                   help="QuIP: activation order in the LDLQ sweep (default on)")
+    m.add_argument("--quip-store-transformed", action="store_true",
+                   help="store QuIP weights in ComfyUI's ConvRot form (INT8 per-row + block Hadamard of "
+                        "--convrot-group-size, applied by ComfyUI online): no re-quantization, stock loader")
+    m.add_argument("--quip-checkpointed", action="store_true",
+                   help="keep the inverse-Hessian factor on the CPU during the sweep for large layers (less GPU memory)")
+    m.add_argument("--quip-checkpoint-threshold", type=int, default=8192,
+                   help="input features at or above which --quip-checkpointed applies (8192)")
+    m.add_argument("--quip-checkpoint-segments", type=int, default=4,
+                   help="row segments of the factor moved to the GPU one at a time (4)")
 
 
 def _add_preset_group(parser):
@@ -184,6 +216,8 @@ def options_from_args(args) -> QuantOptions:
         value = getattr(args, f"notyet_{names[0].lstrip('-').replace('-', '_')}")
         if value not in (None, False):
             raise QuantError(f"{names[0]}: {what} is not available in this version yet; use --simple (round-to-nearest)")
+    if args.simple and args.optimizer not in (None, "rtn"):
+        raise QuantError(f"--simple is round-to-nearest; it contradicts --optimizer {args.optimizer}")
     layer_config = args.layer_config
     return QuantOptions(
         format=args.format or "int8", scaling_mode=args.scaling_mode, block_size=args.block_size,
@@ -196,7 +230,14 @@ def options_from_args(args) -> QuantOptions:
         overwrite=args.overwrite, progress=not args.no_progress, merge_lora=args.merge_lora,
         merge_loras=tuple(args.merge_loras), merge_lora_scale=args.merge_lora_scale,
         merge_lora_dampen=args.merge_lora_dampen, lora_mapping=args.lora_mapping,
-        lora_max_unmatched=args.lora_max_unmatched,
+        lora_max_unmatched=args.lora_max_unmatched, method=args.optimizer or "rtn",
+        calibration_data=args.calibration_data, calibration_lora=args.calibration_lora,
+        bias_correction=args.bias_correction, gptq_damp=args.gptq_damp, gptq_block_size=args.gptq_block_size,
+        gptq_actorder=args.gptq_actorder, scale_search=args.scale_search, quip_seed=args.quip_seed,
+        quip_hadamard=args.quip_hadamard, quip_actorder=args.quip_actorder,
+        quip_store_transformed=args.quip_store_transformed, quip_checkpointed=args.quip_checkpointed,
+        quip_checkpoint_threshold=args.quip_checkpoint_threshold,
+        quip_checkpoint_segments=args.quip_checkpoint_segments,
     ).validate()
 
 
@@ -283,6 +324,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if argv[:1] == ["verify"]:
             return run_verify(argv[1:])
+        if argv[:1] == ["calibrate"]:
+            from .calib.cli import run_calibrate
+            return run_calibrate(argv[1:])
         if argv[:1] == ["demo"]:
             from .demo import run_demo
             return run_demo(argv[1:])

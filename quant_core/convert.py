@@ -6,12 +6,14 @@ import math
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from tqdm import tqdm
 
 from . import __version__
+from .calib.layer import LayerCalibration
+from .calib.synthetic import build_source
 from .errors import QuantError
 from .formats import Format
 from .io.reader import SafetensorsReader
@@ -76,7 +78,11 @@ def convert(input_path: str, output_path: str | None, options: QuantOptions,
         output_path = output_path or default_output_name(input_path, options)
         _check_output_path(input_path, output_path)
         merger = _lora_merger(reader, plan, options)
-        result = _stream(reader, plan, output_path, options, merger, on_layer)
+        calibration = _calibration(reader, plan, options)
+        try:
+            result = _stream(reader, plan, output_path, options, merger, calibration, on_layer)
+        finally:
+            calibration.close()
     result.seconds = time.perf_counter() - start
     result.input_bytes = os.path.getsize(input_path)
     result.output_bytes = os.path.getsize(result.output)
@@ -95,6 +101,31 @@ def _lora_merger(reader: SafetensorsReader, plan: Plan, options: QuantOptions):
     shapes = {info.name: info.shape for info in reader.infos()}
     removed = {d.key for d in plan.of(REMOVE)}
     return LoraMerger(loras, shapes, removed, options.lora_mapping, options.lora_max_unmatched)
+
+
+def _calibration(reader: SafetensorsReader, plan: Plan, options: QuantOptions) -> LayerCalibration:
+    """The calibration source (validated before anything is written) and the per-layer bias bookkeeping."""
+    source = None
+    if options.uses_calibration():
+        source = build_source(options, {info.name: info.shape for info in reader.infos()})
+    biased = {d.layer for d in plan.of(QUANTIZE) if f"{d.layer}.bias" in plan.decisions}
+    return LayerCalibration(source, options.bias_correction, biased)
+
+
+def _biases_after_weights(keys: list[str], calibration: LayerCalibration) -> list[str]:
+    """Stream order with each corrected layer's bias right after its weight (its correction is known then)."""
+    moved = {f"{layer}.bias" for layer in calibration.biased_layers} & set(keys)
+    if not moved or calibration.source is None or not calibration.source.real or not calibration.bias_correction:
+        return keys
+    ordered = []
+    for key in keys:
+        if key in moved:
+            continue
+        ordered.append(key)
+        bias = f"{key[: -len('.weight')]}.bias" if key.endswith(".weight") else None
+        if bias in moved:
+            ordered.append(bias)
+    return ordered
 
 
 def _refuse_quantized_input(reader: SafetensorsReader, path: str) -> None:
@@ -144,9 +175,10 @@ def _planned_entries(reader: SafetensorsReader, plan: Plan):
 
 
 def _stream(reader: SafetensorsReader, plan: Plan, output_path: str, options: QuantOptions,
-            merger=None, on_layer=None) -> ConvertResult:
+            merger=None, calibration: LayerCalibration | None = None, on_layer=None) -> ConvertResult:
     device = pick_device(options)
-    method = get_method(options.method)
+    method = get_method(options.method, options.method_config())
+    calibration = calibration or LayerCalibration(None, False, set())
     metadata = reader.metadata()
     layers_conf: dict[str, dict] = {}
     stats: list[LayerStats] = []
@@ -154,7 +186,7 @@ def _stream(reader: SafetensorsReader, plan: Plan, output_path: str, options: Qu
     reserve = header_reserve(list(_planned_entries(reader, plan)),
                              {**metadata, QUANT_METADATA_KEY: json.dumps({"layers": {d.layer: {"format": "x" * 64}
                                                                           for d in plan.of(QUANTIZE)}})})
-    keys = [k for k, d in plan.decisions.items() if d.action != REMOVE]
+    keys = _biases_after_weights([k for k, d in plan.decisions.items() if d.action != REMOVE], calibration)
     ahead = 0 if options.low_memory else options.prefetch_bytes  # read-ahead and write-behind budget, bytes
     with StreamingWriter(output_path, reserve, overwrite=options.overwrite, background_bytes=ahead) as writer:
         notes += [f"removed {path}, left by an interrupted run" for path in writer.stale_removed]
@@ -170,14 +202,15 @@ def _stream(reader: SafetensorsReader, plan: Plan, output_path: str, options: Qu
             if merger is not None:
                 tensor = merger.apply(key, tensor)
             if decision.action == QUANTIZE:
-                conf, layer_stat = _quantize_layer(decision, tensor, writer, method, device, options, reader.path)
+                conf, layer_stat = _quantize_layer(decision, tensor, writer, method, device, options, reader.path,
+                                                   calibration)
                 if conf is None:
                     notes.append(f"kept {decision.layer}: {layer_stat}")
                 else:
                     layers_conf[decision.layer] = conf
                     stats.append(layer_stat)
             else:
-                _write_kept(key, tensor, writer, options, notes)
+                _write_kept(key, calibration.corrected_bias(key, tensor), writer, options, notes)
             del tensor
             if key in ticks:
                 bar.update(1)
@@ -194,7 +227,7 @@ def _stream(reader: SafetensorsReader, plan: Plan, output_path: str, options: Qu
 
 
 def _quantize_layer(decision: Decision, tensor: torch.Tensor, writer: StreamingWriter, method, device,
-                    options: QuantOptions, path: str):
+                    options: QuantOptions, path: str, calibration: LayerCalibration):
     """Quantize and write one layer. Returns (marker conf, stats), or (None, why) if it was kept instead."""
     weight = tensor.to(device=device, dtype=torch.float32, non_blocking=True)
     # One cheap pass: NaN and Inf propagate into the sum (which can also overflow on huge finite values: recount).
@@ -208,14 +241,20 @@ def _quantize_layer(decision: Decision, tensor: torch.Tensor, writer: StreamingW
         return None, decision.reason
     fmt: Format = decision.format
     grid = fmt.grid(weight)
-    codes = method.codes(fmt, grid, decision.layer)
+    stats, source_note = calibration.stats(decision.layer, weight.shape[1])
+    if stats is None and method.needs_stats:
+        source_note = f"{source_note}: round-to-nearest"
+    codes = method.codes(fmt, grid, decision.layer, stats)
     for suffix, value in fmt.pack(codes, grid).items():
         writer.add(f"{decision.layer}.{suffix}", value)
     conf = dict(fmt.marker(), orig_dtype=str(tensor.dtype).removeprefix("torch."))
     if decision.full_precision_matrix_mult:
         conf["full_precision_matrix_mult"] = True
     writer.add(f"{decision.layer}.comfy_quant", marker_tensor(conf))
-    return conf, layer_stats(decision.layer, fmt, weight, fmt.reconstruct(codes, grid), decision.reason)
+    approx = fmt.reconstruct(codes, grid)
+    extra = calibration.after_layer(decision.layer, fmt, weight, approx, stats)
+    extra["calibration"] = "; ".join(filter(None, (source_note, extra.get("calibration"))))
+    return conf, replace(layer_stats(decision.layer, fmt, weight, approx, decision.reason), **extra)
 
 
 def marker_tensor(conf: dict) -> torch.Tensor:
@@ -236,8 +275,17 @@ def _output_metadata(metadata: dict, layers_conf: dict, options: QuantOptions) -
     out = dict(metadata)
     if layers_conf:
         out[QUANT_METADATA_KEY] = json.dumps({"format_version": "1.0", "layers": layers_conf})
-    out["quant_core"] = json.dumps({"version": __version__, "format": options.format, "method": options.method})
+    out["quant_core"] = json.dumps({"version": __version__, "format": options.format, "method": options.method,
+                                    **({"calibration": _calibration_label(options)} if options.uses_calibration() else {})})
     return out
+
+
+def _calibration_label(options: QuantOptions) -> str:
+    if options.calibration_data:
+        return f"file {os.path.basename(options.calibration_data)}"
+    if options.calibration_lora:
+        return f"LoRA {os.path.basename(options.calibration_lora)}"
+    return "synthetic N(0, I)"
 
 
 def _verify_temp(temp_path: str, source_path: str, options: QuantOptions, merger=None):

@@ -12,7 +12,8 @@ from .formats import FAMILIES, FORMAT_FAMILIES, make_format, resolve_scaling
 from .formats.int8 import is_power_of_4
 from .select.presets import PRESETS
 
-METHODS = ("rtn",)
+METHODS = ("rtn", "gptq", "quip")
+LEARNED_ROUNDING = ("original", "adamw", "radam", "prodigy")  # the seed's learned-rounding optimizers (not here)
 VERIFY_LEVELS = ("off", "cheap", "full")
 
 
@@ -25,7 +26,21 @@ class QuantOptions:
     block_size: int = 128  # tile size of the explicit block modes
     convrot: bool = False  # INT8 per-row with a ConvRot (block Hadamard) rotation
     convrot_group_size: int = 256
-    method: str = "rtn"  # round-to-nearest (`--simple`); learned rounding, GPTQ, QuIP come with the methods issue
+    method: str = "rtn"  # rtn (`--simple`) | gptq | quip
+    calibration_data: str | None = None  # FORMATS.md §4 statistics file (real inputs)
+    calibration_lora: str | None = None  # LoRA whose down-projections give the input directions (no file needed)
+    bias_correction: bool = True  # b' = b + (W − Ŵ)·E[x] where the calibration data has a real mean
+    gptq_damp: float = 0.1  # Hessian dampening, fraction of mean(diag H) (0.1: measured best with ~1k tokens)
+    gptq_block_size: int = 128  # columns per lazy batch of the GPTQ/QuIP sweep
+    gptq_actorder: bool = True  # GPTQ: largest E[x_k²] columns first
+    scale_search: bool = True  # GPTQ/QuIP: per-row/per-tensor clip factor minimizing diag(H)-weighted error
+    quip_seed: int = 0  # random signs of the original-space incoherence transform
+    quip_hadamard: bool = True  # randomized block Hadamard (False: random orthogonal matrix)
+    quip_actorder: bool = True
+    quip_store_transformed: bool = False  # store in ComfyUI's ConvRot (block Hadamard) form: INT8 per-row only
+    quip_checkpointed: bool = False  # keep the inverse-Hessian factor on the CPU for large layers
+    quip_checkpoint_threshold: int = 8192  # K at or above which --quip-checkpointed applies
+    quip_checkpoint_segments: int = 4  # row segments of the factor moved to the device one at a time
     full_precision_matrix_mult: bool = False
     presets: tuple[str, ...] = ()
     exclude_layers: str | None = None  # regex on layer names
@@ -55,11 +70,15 @@ class QuantOptions:
         """Check every field once; raise QuantError with a one-line message. Returns self."""
         if self.format not in FORMAT_FAMILIES:
             raise QuantError(f"unknown format {self.format!r} (choose from {', '.join(FORMAT_FAMILIES)})")
+        if self.method in LEARNED_ROUNDING:
+            raise QuantError(f"--optimizer {self.method}: learned rounding is not in this build (available: "
+                             f"{', '.join(METHODS)})")
         if self.method not in METHODS:
             raise QuantError(f"unknown method {self.method!r} (available: {', '.join(METHODS)})")
+        self._validate_methods()
         if self.verify not in VERIFY_LEVELS:
             raise QuantError(f"unknown verify level {self.verify!r} (choose from {', '.join(VERIFY_LEVELS)})")
-        if self.convrot and not is_power_of_4(self.convrot_group_size):
+        if (self.convrot or self.quip_store_transformed) and not is_power_of_4(self.convrot_group_size):
             raise QuantError(f"--convrot-group-size must be a power of 4 (4, 16, 64, 256, 1024), got {self.convrot_group_size}")
         if self.block_size < 1:
             raise QuantError(f"--block_size must be positive, got {self.block_size}")
@@ -86,9 +105,45 @@ class QuantOptions:
             raise QuantError(f"unknown preset {unknown[0]!r} (choose from {', '.join(PRESETS)})")
         return self
 
+    def _validate_methods(self) -> None:
+        for path, flag in ((self.calibration_data, "--calibration-data"), (self.calibration_lora, "--calibration-lora")):
+            if path is not None and not os.path.isfile(path):
+                raise QuantError(f"{flag} {path}: no such file")
+        if self.calibration_data and self.calibration_lora:
+            raise QuantError("--calibration-data and --calibration-lora are two calibration sources; give one")
+        if not 0 <= self.gptq_damp < 10 or not math.isfinite(self.gptq_damp):
+            raise QuantError(f"--gptq-damp must be in [0, 10) (a fraction of mean(diag H)), got {self.gptq_damp}")
+        if self.gptq_block_size < 1 or self.quip_checkpoint_segments < 1 or self.quip_checkpoint_threshold < 1:
+            raise QuantError("--gptq-block-size, --quip-checkpoint-segments and --quip-checkpoint-threshold must be "
+                             "positive")
+        quip_only = {"--quip-store-transformed": self.quip_store_transformed, "--quip-checkpointed": self.quip_checkpointed}
+        for flag, used in quip_only.items():
+            if used and self.method != "quip":
+                raise QuantError(f"{flag} applies to --optimizer quip only")
+        if self.quip_store_transformed and (self.format != "int8" or resolve_scaling("int8", self.scaling_mode) != "row"):
+            raise QuantError("--quip-store-transformed: ComfyUI can load rotated weights only as INT8 per-row ConvRot "
+                             "(--format int8 --scaling_mode row); other formats would need a custom loader")
+
+    def uses_calibration(self) -> bool:
+        """Whether a conversion needs per-layer input statistics (a method, bias correction or the report)."""
+        return self.method != "rtn" or self.calibration_data is not None or self.calibration_lora is not None
+
+    def method_config(self):
+        """The config record of the chosen method (None for RTN)."""
+        from .methods import GPTQConfig, QuipConfig
+        from .methods.ldlq import SweepConfig
+        if self.method == "gptq":
+            return GPTQConfig(SweepConfig(self.gptq_damp, self.gptq_block_size, self.gptq_actorder), self.scale_search)
+        if self.method == "quip":
+            segments = self.quip_checkpoint_segments if self.quip_checkpointed else 1
+            sweep = SweepConfig(self.gptq_damp, self.gptq_block_size, self.quip_actorder, segments,
+                                self.quip_checkpoint_threshold)
+            return QuipConfig(self.quip_seed, self.quip_hadamard, sweep, self.scale_search)
+        return None
+
     def main_format(self):
         """The format module for layers no rule overrides."""
-        group = self.convrot_group_size if self.convrot else 0
+        group = self.convrot_group_size if self.convrot or self.quip_store_transformed else 0
         return make_format(self.format, self.scaling_mode, self.block_size, group)
 
     def is_legacy(self) -> bool:

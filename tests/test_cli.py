@@ -113,9 +113,11 @@ def test_python_api(flux_file, tmp_path):
 
 
 def test_not_yet_flags_are_refused_clearly(cli, flux_file):
-    for flags in (["--optimizer", "gptq"], ["--smoothquant"], ["--calibration-data", "c.safetensors"], ["--num_iter", "5"]):
+    for flags in (["--smoothquant"], ["--static-activations"], ["--num_iter", "5"], ["--bf16-compute", "auto"]):
         code, out, err = cli("-i", flux_file, *flags)
         assert code == 2 and "not available in this version" in err and err.count("\n") == 1
+    code, out, err = cli("-i", flux_file, "--optimizer", "radam")
+    assert code == 2 and "learned rounding is not in this build" in err and err.count("\n") == 1
     assert not [p for p in os.listdir(os.path.dirname(flux_file)) if p != os.path.basename(flux_file)]
 
 

@@ -51,6 +51,14 @@ CASES = {
     "fp8_e5m2": (["--format", "fp8_e5m2"], ["--expect-format", "float8_e5m2"]),
     "nvfp4": (["--format", "nvfp4"], ["--expect-format", "nvfp4"]),
     "mxfp8": (["--format", "mxfp8"], ["--expect-format", "mxfp8"]),
+    # methods with a calibration file ({calib}: made by `calibrate` from the same checkpoint); biases corrected
+    "gptq-int8-row": (["--optimizer", "gptq", "--calibration-data", "{calib}"],
+                      ["--expect-format", "int8_tensorwise", "--expect-int8-scale", "row"]),
+    "gptq-fp8": (["--format", "fp8", "--optimizer", "gptq", "--calibration-data", "{calib}"],
+                 ["--expect-format", "float8_e4m3fn"]),
+    "quip-convrot64": (["--optimizer", "quip", "--quip-store-transformed", "--convrot-group-size", "64",
+                        "--calibration-data", "{calib}"],
+                       ["--expect-format", "int8_tensorwise", "--expect-convrot-group", "64"]),
 }
 
 
@@ -105,9 +113,20 @@ def flux_src(tmp_path_factory):
     return str(path)
 
 
+@pytest.fixture(scope="module")
+def flux_calib(flux_src, tmp_path_factory):
+    """Calibration statistics for flux_src (synthetic inputs through the `calibrate` subcommand)."""
+    path = str(tmp_path_factory.mktemp("calib") / "calib.safetensors")
+    done = subprocess.run([sys.executable, "-m", "quant_core", "calibrate", "-i", flux_src, "-o", path, "--samples",
+                           "256"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    return path
+
+
 @pytest.mark.parametrize("case", list(CASES))
-def test_comfyui_loads_and_runs(case, flux_src, comfy_env, tmp_path):
+def test_comfyui_loads_and_runs(case, flux_src, flux_calib, comfy_env, tmp_path):
     cli_args, expect = CASES[case]
+    cli_args = [a.replace("{calib}", flux_calib) for a in cli_args]
     out = str(tmp_path / f"flux_tiny_{case}.safetensors")
     conv = subprocess.run([sys.executable, "-m", "quant_core", "-i", flux_src, "-o", out, *cli_args,
                            "--no-progress", "--overwrite"], cwd=ROOT, capture_output=True, text=True, timeout=600)

@@ -64,3 +64,17 @@ def test_registry_metadata_and_requirements_match_the_project():
     requirements = [line.split("#")[0].strip() for line in (ROOT / "requirements.txt").read_text().splitlines()]
     runtime = [d for d in project["project"]["dependencies"] if not d.startswith("torch")]
     assert [r for r in requirements if r] == runtime
+
+
+def test_console_scripts_and_packages_are_declared():
+    import importlib
+    import tomllib
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    scripts = project["project"]["scripts"]
+    assert scripts["calibrate_activation_scales"] == "quant_core.calib.cli:main"
+    for target in scripts.values():
+        module, _, func = target.partition(":")
+        assert callable(getattr(importlib.import_module(module), func))
+    declared = set(project["tool"]["setuptools"]["packages"])
+    on_disk = {".".join(p.parent.relative_to(ROOT).parts) for p in (ROOT / "quant_core").rglob("__init__.py")}
+    assert on_disk <= declared, on_disk - declared

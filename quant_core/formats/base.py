@@ -49,6 +49,7 @@ class Format(ABC):
     upstream: bool = True  # loadable by upstream ComfyUI (v0.27+)
     label: str  # short label for file names and tables
     heur_block: int = 16  # dimension granularity `--heur` asks of a layer (GEMM tile alignment)
+    stores_grid_scale: bool = False  # pack stores grid.scale as is, so a method may choose other per-row/tensor scales
 
     def fit(self, shape: tuple[int, ...]) -> str | None:
         """Why this format cannot hold a weight of this shape, or None if it can."""

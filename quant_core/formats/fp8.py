@@ -14,6 +14,8 @@ FP8_DTYPES = {
 
 
 class Float8Tensorwise(Format):
+    stores_grid_scale = True
+
     def __init__(self, name: str = "float8_e4m3fn"):
         self.name = name
         self.dtype, self.tag = FP8_DTYPES[name]

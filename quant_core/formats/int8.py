@@ -38,6 +38,7 @@ def rotate(weight: torch.Tensor, group_size: int) -> torch.Tensor:
 
 class Int8Tensorwise(Format):
     name = "int8_tensorwise"
+    stores_grid_scale = True
 
     def __init__(self, per_row: bool = True, convrot_group: int = 0):
         if convrot_group and not per_row:

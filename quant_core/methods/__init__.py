@@ -1,18 +1,31 @@
 """Methods choose the codes for a weight on the scale grid its format chose.
 
-Interface: `method.codes(fmt, grid, layer) -> Tensor`, the chosen grid values in scaled units (same shape as
-`grid.work`); the format packs them. Any method works with any format through that one call.
+Interface: `method.codes(fmt, grid, layer, stats=None) -> Tensor`, the chosen grid values in scaled units (same
+shape as `grid.work`); the format packs them. `stats` (quant_core.calib.InputStats) describes the layer's inputs;
+methods with `needs_stats = True` use it (RTN ignores it). A method may replace `grid.scale` (per-row/per-tensor
+formats with `fmt.stores_grid_scale`) before choosing codes. Any method works with any format through that one call.
 """
 from __future__ import annotations
 
 from ..errors import QuantError
+from .gptq import GPTQ, GPTQConfig
+from .quip import QuIP, QuipConfig
 from .rtn import RoundToNearest
 
-METHODS = {"rtn": RoundToNearest()}
+METHODS = {"rtn": RoundToNearest, "gptq": GPTQ, "quip": QuIP}
+HELP = {
+    "rtn": "round-to-nearest: minimizes the weight error for the grid; no calibration",
+    "gptq": "GPTQ: error-feedback rounding minimizing the output error on calibration inputs (needs real "
+            "calibration data to beat RTN: on synthetic N(0, I) inputs it is RTN)",
+    "quip": "QuIP: incoherence rotation + LDLQ; store in ComfyUI's ConvRot form with --quip-store-transformed "
+            "(the original-space default re-quantizes and loses most of the gain)",
+}
 
 
-def get_method(name: str):
+def get_method(name: str, config=None):
+    """A method instance; `config` is the method's config dataclass (GPTQConfig, QuipConfig) or None."""
     try:
-        return METHODS[name]
+        cls = METHODS[name]
     except KeyError:
         raise QuantError(f"unknown method {name!r} (available: {', '.join(METHODS)})") from None
+    return cls(config) if config is not None else cls()

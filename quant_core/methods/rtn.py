@@ -10,8 +10,9 @@ CHUNK_ELEMENTS = 1 << 22  # rows are rounded in slices of about this many elemen
 
 class RoundToNearest:
     name = "rtn"
+    needs_stats = False
 
-    def codes(self, fmt: Format, grid: Grid, layer: str) -> torch.Tensor:
+    def codes(self, fmt: Format, grid: Grid, layer: str, stats=None) -> torch.Tensor:
         work, scale = grid.work, grid.scale
         rows_per_chunk = max(1, CHUNK_ELEMENTS // max(work.shape[1], 1))
         if work.shape[0] <= rows_per_chunk:

@@ -1,0 +1,119 @@
+"""`calibrate_activation_scales` / `python -m quant_core calibrate`: write a FORMATS.md §4 calibration file.
+
+Two ways to get inputs:
+- `--hf-model DIR --text FILE`: load a transformers model from DIR with the weights of `-i`, run it on each line
+  of FILE (one forward per line, so no padding tokens enter the statistics) and record every Linear layer's inputs.
+- otherwise synthetic: every 2-D weight [N, K] of `-i` gets `--samples` inputs x ~ N(0, I_K) (seeded by
+  `--seed`). They carry no information about the model (GPTQ on them is RTN); the file is a placeholder
+  for tools that only need activation ranges.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+
+import torch
+
+from ..errors import QuantError
+from ..io.reader import SafetensorsReader
+from .file import save_calibration
+from .record import record_activation_stats
+from .stats import InputStats
+
+E4M3_MAX = 448.0
+SYNTHETIC_BATCH = 16  # samples per call (a call is the unit --heldout-every counts)
+
+
+def build_parser():
+    from ..cli import OneLineParser
+    p = OneLineParser(prog="calibrate_activation_scales",
+                      description="Record per-layer input statistics (FORMATS.md §4) for GPTQ/QuIP/bias correction.")
+    p.add_argument("-i", "--input", required=True, help="model .safetensors")
+    p.add_argument("-o", "--output", required=True, help="calibration .safetensors to write")
+    p.add_argument("--hf-model", metavar="DIR", help="transformers model directory (config + tokenizer) to run")
+    p.add_argument("--text", metavar="FILE", help="calibration text, one sample per line (with --hf-model)")
+    p.add_argument("--samples", "--calib-samples", "--calib_samples", type=int, default=512,
+                   help="synthetic mode: inputs per layer (default 512)")
+    p.add_argument("--seed", "--manual-seed", "--manual_seed", type=int, default=0, help="synthetic mode: seed (0)")
+    p.add_argument("--hessian", action=argparse.BooleanOptionalAction, default=True,
+                   help="store the [K,K] Hessian per layer (default on; layers with K > 16384 keep the diagonal only)")
+    p.add_argument("--heldout-every", type=int, default=0, metavar="N",
+                   help="send every N-th sample to held-out statistics (for the report's held-out output SQNR)")
+    p.add_argument("--no-progress", action="store_true", help="accepted for symmetry with the converter")
+    return p
+
+
+def run_calibrate(argv: list[str]) -> int:
+    args = build_parser().parse_args(argv)
+    if not os.path.isfile(args.input):
+        raise QuantError(f"{args.input}: no such file")
+    if (args.hf_model is None) != (args.text is None):
+        raise QuantError("--hf-model and --text go together (a model to run and the text to run it on)")
+    if args.samples < 1 or args.heldout_every < 0:
+        raise QuantError("--samples must be positive and --heldout-every 0 or more")
+    if args.hf_model:
+        stats = calibrate_transformers(args.input, args.hf_model, args.text, args.hessian, args.heldout_every)
+        source = f"transformers {os.path.basename(os.path.normpath(args.hf_model))} on {os.path.basename(args.text)}"
+    else:
+        stats = calibrate_synthetic(args.input, args.samples, args.seed, args.hessian, args.heldout_every)
+        source = f"synthetic N(0, I), {args.samples} samples, seed {args.seed}"
+    for layer_stats in stats.values():
+        layer_stats.input_scale = layer_stats.absmax.max().reshape(()) / E4M3_MAX
+    save_calibration(args.output, stats, source)
+    tokens = max((s.n_tokens for s in stats.values()), default=0)
+    print(f"wrote {args.output}: {len(stats)} layers, up to {tokens} tokens per layer ({source})")
+    return 0
+
+
+def calibrate_synthetic(path: str, samples: int, seed: int, hessian: bool, heldout_every: int) -> dict[str, InputStats]:
+    """Statistics of x ~ N(0, I_K) fed to every 2-D floating-point weight of the file (same recorder as real runs)."""
+    layers = torch.nn.ModuleDict()
+    names = {}
+    with SafetensorsReader(path) as reader:
+        for info in reader.infos():
+            if info.name.endswith(".weight") and len(info.shape) == 2 and info.shape[1] > 0:
+                safe = f"l{len(names)}"
+                names[safe] = info.name[: -len(".weight")]
+                layers[safe] = torch.nn.Linear(info.shape[1], 1, bias=False)  # one output: only inputs matter
+    if not names:
+        raise QuantError(f"{path}: no 2-D weights to calibrate")
+    gen = torch.Generator().manual_seed(seed)
+
+    def run():
+        for layer in layers.values():
+            for start in range(0, samples, SYNTHETIC_BATCH):
+                layer(torch.randn(min(SYNTHETIC_BATCH, samples - start), layer.in_features, generator=gen))
+    recorded = record_activation_stats(layers, run, hessian=hessian, heldout_every=heldout_every)
+    return {names[k]: v for k, v in recorded.items()}
+
+
+def calibrate_transformers(path: str, model_dir: str, text_path: str, hessian: bool,
+                           heldout_every: int) -> dict[str, InputStats]:
+    """Run a transformers model (weights from `path`) on each line of `text_path`, recording Linear inputs."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    try:
+        from transformers import AutoModel, AutoTokenizer
+    except ImportError:
+        raise QuantError("--hf-model needs the transformers package (pip install transformers)") from None
+    from safetensors.torch import load_file
+    with open(text_path, encoding="utf-8") as f:
+        lines = [line.strip() for line in f if line.strip()]
+    if not lines:
+        raise QuantError(f"{text_path}: no text lines")
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModel.from_pretrained(model_dir).eval()
+    model.load_state_dict(load_file(path), strict=False)
+
+    def run():
+        for line in lines:
+            model(**tokenizer(line, return_tensors="pt", truncation=True))
+    return record_activation_stats(model, run, hessian=hessian, heldout_every=heldout_every)
+
+
+def main() -> int:
+    import sys
+    try:
+        return run_calibrate(sys.argv[1:])
+    except QuantError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return e.exit_code
