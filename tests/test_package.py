@@ -3,6 +3,7 @@ import ast
 import importlib.util
 import os
 import pathlib
+import re
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
@@ -52,7 +53,9 @@ def test_registry_rules_no_eval_exec_or_runtime_pip():
             for node in ast.walk(tree):
                 if isinstance(node, ast.Call) and isinstance(node.func, ast.Name):
                     assert node.func.id not in ("eval", "exec"), (path, node.lineno)
-            assert "pip install" not in path.read_text() and "import pip" not in path.read_text(), path
+            source = path.read_text()  # messages may tell people to `pip install x`; code must not run pip
+            assert not re.search(r"""["']-m["'],\s*["']pip["']|["']pip["'],\s*["']install["']|import pip\b|pip\.main""",
+                                 source), path
 
 
 def test_registry_metadata_and_requirements_match_the_project():
