@@ -11,10 +11,20 @@ import os
 import folder_paths
 
 SOURCE_FOLDERS = ("diffusion_models", "checkpoints", "text_encoders", "loras")
+CALIBRATION_FOLDERS = ("quant_calibration",)  # models/quant_calibration: FORMATS.md §4 statistics files
 LORA_FOLDERS = ("loras",)
 SAVE_DESTINATIONS = ("output", "diffusion_models", "checkpoints", "text_encoders")
 VERIFY_FOLDERS = ("output", "diffusion_models", "checkpoints", "text_encoders")
 SUFFIX = ".safetensors"
+
+
+def register_calibration_folder() -> None:
+    """models/quant_calibration, for calibration statistics files (extra_model_paths.yaml may add more)."""
+    if "quant_calibration" not in folder_paths.folder_names_and_paths:
+        folder_paths.add_model_folder_path("quant_calibration", os.path.join(folder_paths.models_dir, "quant_calibration"))
+
+
+register_calibration_folder()
 
 
 def list_files(folders: tuple[str, ...]) -> list[str]:

