@@ -13,7 +13,7 @@ from tqdm import tqdm
 
 from . import __version__
 from .calib.layer import LayerCalibration
-from .calib.synthetic import build_source
+from .calib.source import build_source
 from .errors import QuantError
 from .formats import Format
 from .io.reader import SafetensorsReader

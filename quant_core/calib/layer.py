@@ -8,7 +8,7 @@ from ..formats.base import Format
 from ..methods.rtn import RoundToNearest
 from ..report import output_sqnr_db
 from .stats import InputStats
-from .synthetic import CalibrationSource
+from .source import CalibrationSource
 
 
 class LayerCalibration:

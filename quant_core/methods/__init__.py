@@ -15,10 +15,12 @@ from .rtn import RoundToNearest
 METHODS = {"rtn": RoundToNearest, "gptq": GPTQ, "quip": QuIP}
 HELP = {
     "rtn": "round-to-nearest: minimizes the weight error for the grid; no calibration",
-    "gptq": "GPTQ: error-feedback rounding minimizing the output error on calibration inputs (needs real "
-            "calibration data to beat RTN: on synthetic N(0, I) inputs it is RTN)",
-    "quip": "QuIP: incoherence rotation + LDLQ; store in ComfyUI's ConvRot form with --quip-store-transformed "
-            "(the original-space default re-quantizes and loses most of the gain)",
+    "gptq": "GPTQ: error-feedback rounding minimizing the output error on calibration inputs; needs real "
+            "calibration data to beat RTN (on synthetic N(0, I) inputs it is RTN). Measured on MiniLM outputs with 832 "
+            "calibration tokens: +2.7 dB INT8, +2.3 FP8, +2.3 NVFP4, +2.5 MXFP8",
+    "quip": "QuIP: incoherence rotation + LDLQ; with --quip-store-transformed stored in ComfyUI's ConvRot form "
+            "(+7.0 dB over RTN INT8 on MiniLM); the original-space default re-quantizes and is WORSE than RTN "
+            "there (-0.9 dB INT8, -2.0 dB FP8)",
 }
 
 
