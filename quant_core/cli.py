@@ -12,7 +12,8 @@ import threading
 
 from . import __version__
 from .errors import QuantError
-from .options import QuantOptions
+from .methods.learned import ADAPTIVE_MODES, OPTIMIZERS, SCHEDULES, THRESHOLD_MODES, LearnedConfig
+from .options import BF16_MODES, STREAMING_MODES, QuantOptions
 from .select.presets import PRESETS
 
 FORMAT_SHORTHANDS = {"int8": "int8", "fp8": "fp8", "nvfp4": "nvfp4", "mxfp8": "mxfp8", "fp16": "fp16"}
@@ -20,26 +21,6 @@ FORMAT_SHORTHANDS = {"int8": "int8", "fp8": "fp8", "nvfp4": "nvfp4", "mxfp8": "m
 # Flags of the seed that belong to capabilities not in this version yet: accepted by the parser so the message is
 # clear, refused when used. (flag names, takes a value, what it is for)
 NOT_YET = [
-    (("--optimizer",), True, "learned rounding / GPTQ / QuIP"),
-    (("--num_iter", "--num-iter"), True, "learned rounding"),
-    (("--lr",), True, "learned rounding"),
-    (("--lr_schedule", "--lr-schedule"), True, "learned rounding"),
-    (("--lr_gamma", "--lr-gamma"), True, "learned rounding"),
-    (("--lr_patience", "--lr-patience"), True, "learned rounding"),
-    (("--lr_factor", "--lr-factor"), True, "learned rounding"),
-    (("--lr_min", "--lr-min"), True, "learned rounding"),
-    (("--lr_cooldown", "--lr-cooldown"), True, "learned rounding"),
-    (("--lr_threshold", "--lr-threshold"), True, "learned rounding"),
-    (("--lr_adaptive_mode", "--lr-adaptive-mode"), True, "learned rounding"),
-    (("--lr-shape-influence", "--lr_shape_influence"), True, "learned rounding"),
-    (("--lr-threshold-mode", "--lr_threshold_mode"), True, "learned rounding"),
-    (("--early-stop-loss", "--early_stop_loss"), True, "learned rounding"),
-    (("--early-stop-lr", "--early_stop_lr"), True, "learned rounding"),
-    (("--early-stop-stall", "--early_stop_stall"), True, "learned rounding"),
-    (("--top_p", "--top-p"), True, "learned rounding"),
-    (("--min_k", "--min-k"), True, "learned rounding"),
-    (("--max_k", "--max-k"), True, "learned rounding"),
-    (("--full_matrix", "--full-matrix"), False, "learned rounding"),
     (("--quip-actorder",), False, "QuIP"),
     (("--quip-hadamard",), False, "QuIP"),
     (("--quip-seed",), True, "QuIP"),
@@ -47,22 +28,42 @@ NOT_YET = [
     (("--quip-checkpointed",), False, "QuIP"),
     (("--quip-checkpoint-threshold",), True, "QuIP"),
     (("--quip-checkpoint-segments",), True, "QuIP"),
-    (("--smoothquant",), False, "SmoothQuant"),
-    (("--smoothquant-alpha",), True, "SmoothQuant"),
-    (("--calibration-data",), True, "calibration"),
     (("--calibration-lora",), True, "calibration"),
-    (("--static-activations",), False, "static activation scales"),
     (("--actcal",), False, "activation scale calibration"),
-    (("--streaming-mode",), True, "GPU streaming thresholds"),
-    (("--stream-hadamard-threshold",), True, "GPU streaming thresholds"),
-    (("--stream-hessian-threshold",), True, "GPU streaming thresholds"),
-    (("--stream-ldlq-threshold",), True, "GPU streaming thresholds"),
-    (("--stream-ortho-threshold",), True, "GPU streaming thresholds"),
-    (("--no-memory-limits",), False, "GPU memory controls"),
-    (("--bf16-compute",), True, "BF16 compute"),
-    (("--bf16-threshold",), True, "BF16 compute"),
-    (("--bf16-hadamard-threshold",), True, "BF16 compute"),
-    (("--bf16-hessian-threshold",), True, "BF16 compute"),
+    (("--stream-hessian-threshold",), True, "GPTQ/QuIP streaming thresholds"),
+    (("--stream-ldlq-threshold",), True, "GPTQ/QuIP streaming thresholds"),
+    (("--stream-ortho-threshold",), True, "GPTQ/QuIP streaming thresholds"),
+    (("--bf16-hadamard-threshold",), True, "BF16 QuIP Hadamard transforms"),
+    (("--bf16-hessian-threshold",), True, "BF16 GPTQ/QuIP Hessians"),
+]
+
+# Learned rounding flags, the seed's names: (flag names, LearnedConfig field, argparse type/choices, help).
+# Given without --optimizer they are refused: the default method is round-to-nearest.
+LEARNED_FLAGS = [
+    (("--num_iter", "--num-iter"), "num_iter", int, "maximum iterations per layer (default 1000)"),
+    (("--lr",), "lr", float, "initial learning rate (default 0.008077)"),
+    (("--lr_schedule", "--lr-schedule"), "lr_schedule", SCHEDULES, "adaptive (default), exponential or plateau"),
+    (("--lr_gamma", "--lr-gamma"), "lr_gamma", float, "[exponential] decay per step (default 0.99)"),
+    (("--lr_patience", "--lr-patience"), "lr_patience", int, "[plateau] steps without improvement before a decay (9)"),
+    (("--lr_factor", "--lr-factor"), "lr_factor", float, "[plateau, adaptive] decay factor (0.92)"),
+    (("--lr_min", "--lr-min"), "lr_min", float, "[plateau, exponential] lower LR bound (1e-10)"),
+    (("--lr_cooldown", "--lr-cooldown"), "lr_cooldown", int,
+     "[plateau] steps after a decay before watching again; [adaptive] decay every N stalled steps (6)"),
+    (("--lr_threshold", "--lr-threshold"), "lr_threshold", float, "minimum improvement that counts (0)"),
+    (("--lr_adaptive_mode", "--lr-adaptive-mode"), "lr_adaptive_mode", ADAPTIVE_MODES,
+     "[adaptive] simple-reset (stall counter restarts at each improvement) or no-reset (keeps counting)"),
+    (("--lr-shape-influence", "--lr_shape_influence"), "lr_shape_influence", float,
+     "[plateau] elongated weights decay faster: factor^sqrt(aspect) blended by this (1.0; 0 = off)"),
+    (("--lr-threshold-mode", "--lr_threshold_mode"), "lr_threshold_mode", THRESHOLD_MODES,
+     "--lr_threshold relative to the best loss (rel, default) or absolute (abs)"),
+    (("--early-stop-loss", "--early_stop_loss"), "early_stop_loss", float, "stop when the loss is below this (1e-8)"),
+    (("--early-stop-lr", "--early_stop_lr"), "early_stop_lr", float, "stop when the LR is below this (1e-10)"),
+    (("--early-stop-stall", "--early_stop_stall"), "early_stop_stall", int,
+     "stop after this many steps without improvement (1000)"),
+    (("--top_p", "--top-p"), "top_p", float, "share of the rank used as k singular directions (0.2)"),
+    (("--min_k", "--min-k"), "min_k", int, "minimum k (64)"),
+    (("--max_k", "--max-k"), "max_k", int, "maximum k (1024)"),
+    (("--full_matrix", "--full-matrix"), "full_matrix", bool, "exact SVD instead of the randomized low-rank one"),
 ]
 
 
@@ -81,13 +82,15 @@ def build_parser() -> argparse.ArgumentParser:
         description="Quantize a safetensors checkpoint into a file stock ComfyUI (v0.27+) loads. Default: INT8 with "
                     "per-row scales (int8_tensorwise, [N,1] scales), round-to-nearest, verified after writing.",
         epilog="Subcommands: `verify OUT.safetensors [--reference SRC]`, `demo`. "
-               "Flags of later capabilities (methods, LoRA, SmoothQuant, calibration) are listed but refused for now.")
+               "Flags of later capabilities (GPTQ, QuIP, their thresholds) are listed but refused for now.")
     parser.add_argument("--version", action="version", version=f"quant_core {__version__}")
     req = parser.add_argument_group("Required Arguments")
     req.add_argument("-i", "--input", required=True, help="input .safetensors file")
     _add_output_group(parser)
     _add_format_group(parser)
     _add_quantization_group(parser)
+    _add_learned_group(parser)
+    _add_calibration_group(parser)
     _add_preset_group(parser)
     _add_lora_group(parser)
     _add_memory_group(parser)
@@ -126,7 +129,9 @@ def _add_format_group(parser):
 
 def _add_quantization_group(parser):
     q = parser.add_argument_group("Quantization Options")
-    q.add_argument("--simple", action="store_true", help="round-to-nearest (the only method in this version)")
+    q.add_argument("--simple", action="store_true",
+                   help="round-to-nearest (the default: on MiniLM output error it beats learned rounding for every "
+                        "format, see README)")
     q.add_argument("--heur", action="store_true", help="keep layers with poor shapes for quantization in high precision")
     q.add_argument("--exclude-layers", "--exclude_layers", metavar="REGEX", help="keep layers matching REGEX unquantized")
     q.add_argument("--layer-config", "--layer_config", metavar="FILE.json", help="per-layer rules (see README)")
@@ -140,6 +145,39 @@ def _add_quantization_group(parser):
     q.add_argument("--verify", choices=["off", "cheap", "full"], default="cheap",
                    help="check the written file: cheap (header, markers, scales; default) or full (also every layer "
                         "against the input through comfy-kitchen)")
+
+
+def _add_learned_group(parser):
+    opt = parser.add_argument_group(
+        "Learned Rounding (SVD) Options",
+        "Optimize the rounding on the fixed scale grid to shrink the weight error in its top-k singular subspace. "
+        "Measured on MiniLM output error against round-to-nearest (benchmarks/bench_learned.py): it does NOT beat "
+        "RTN for any format (within ±0.1 dB or worse); kept for compatibility with the seed's flags.")
+    opt.add_argument("--optimizer", choices=OPTIMIZERS,
+                     help="use learned rounding with this optimizer: original (the seed's normalized projected "
+                          "step), adamw, radam")
+    for names, dest, kind, text in LEARNED_FLAGS:
+        if kind is bool:
+            opt.add_argument(*names, dest=dest, action="store_true", default=None, help=text)
+        elif isinstance(kind, tuple):
+            opt.add_argument(*names, dest=dest, choices=kind, help=text)
+        else:
+            opt.add_argument(*names, dest=dest, type=kind, help=text)
+
+
+def _add_calibration_group(parser):
+    cal = parser.add_argument_group("Calibration-based Options")
+    cal.add_argument("--calibration-data", dest="calibration_data", metavar="FILE",
+                     help="calibration statistics file (FORMATS.md §4: <layer>.input_absmax, <layer>.input_scale)")
+    cal.add_argument("--smoothquant", action="store_true",
+                     help="SmoothQuant, only where it keeps the model's function exact: 1/s folded into a declared "
+                          "preceding layer (pre-norm affine weight, value projection before an output projection); "
+                          "other layers are left unsmoothed and listed. Needs --calibration-data")
+    cal.add_argument("--smoothquant-alpha", type=float, default=0.5,
+                     help="migration strength α: s = absmax(x)^α / absmax(w)^(1−α) (default 0.5)")
+    cal.add_argument("--static-activations", action="store_true",
+                     help="write input_scale for fp8 and nvfp4 layers from --calibration-data (the only formats "
+                          "ComfyUI reads it for); without calibration data: a warning, dynamic scales")
 
 
 def _add_preset_group(parser):
@@ -168,6 +206,20 @@ def _add_memory_group(parser):
     mem.add_argument("--low-memory", "--low_memory", "-lm", action="store_true",
                      help="no read-ahead, CPU only: RAM stays ~ the largest tensor plus a constant")
     mem.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda, cuda:N")
+    mem.add_argument("--streaming-mode", choices=STREAMING_MODES, default="auto",
+                     help="with a CUDA device, quantize layers above a size threshold on the CPU: off (never), "
+                          "minimal (100M elements), balanced (50M), aggressive (25M), auto (default: from free GPU "
+                          "memory)")
+    mem.add_argument("--stream-hadamard-threshold", type=int, metavar="ELEMENTS",
+                     help="override the --streaming-mode threshold (weight elements)")
+    mem.add_argument("--no-memory-limits", action="store_true",
+                     help="every layer on the GPU: no size threshold, and an out-of-memory error stops the run "
+                          "instead of retrying that layer on the CPU")
+    mem.add_argument("--bf16-compute", choices=BF16_MODES, default="auto",
+                     help="bf16 for learned rounding's projections: auto (CUDA with bf16, layers of at least "
+                          "--bf16-threshold elements; default), on (every layer, any device), off")
+    mem.add_argument("--bf16-threshold", type=int, default=1_000_000, metavar="ELEMENTS",
+                     help="--bf16-compute auto: smallest layer computed in bf16 (default 1000000)")
     mem.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -185,7 +237,12 @@ def options_from_args(args) -> QuantOptions:
         if value not in (None, False):
             raise QuantError(f"{names[0]}: {what} is not available in this version yet; use --simple (round-to-nearest)")
     layer_config = args.layer_config
+    method, learned = _method_from_args(args)
     return QuantOptions(
+        method=method, learned=learned, calibration_data=args.calibration_data, smoothquant=args.smoothquant,
+        smoothquant_alpha=args.smoothquant_alpha, static_activations=args.static_activations,
+        bf16_compute=args.bf16_compute, bf16_threshold=args.bf16_threshold, streaming_mode=args.streaming_mode,
+        stream_hadamard_threshold=args.stream_hadamard_threshold, no_memory_limits=args.no_memory_limits,
         format=args.format or "int8", scaling_mode=args.scaling_mode, block_size=args.block_size,
         convrot=args.convrot, convrot_group_size=args.convrot_group_size,
         full_precision_matrix_mult=args.full_precision_matrix_mult, presets=tuple(args.presets or ()),
@@ -198,6 +255,19 @@ def options_from_args(args) -> QuantOptions:
         merge_lora_dampen=args.merge_lora_dampen, lora_mapping=args.lora_mapping,
         lora_max_unmatched=args.lora_max_unmatched,
     ).validate()
+
+
+def _method_from_args(args) -> tuple[str, LearnedConfig]:
+    given = {dest: getattr(args, dest) for _, dest, _, _ in LEARNED_FLAGS if getattr(args, dest) is not None}
+    if args.optimizer is None:
+        if given:
+            flag = next(names[0] for names, dest, _, _ in LEARNED_FLAGS if dest in given)
+            raise QuantError(f"{flag} configures learned rounding; add --optimizer original|adamw|radam "
+                             "(the default method is round-to-nearest)")
+        return "rtn", LearnedConfig()
+    if args.simple:
+        raise QuantError("--simple (round-to-nearest) and --optimizer (learned rounding) exclude each other")
+    return "learned", LearnedConfig(optimizer=args.optimizer, **given)
 
 
 def run_convert(argv: list[str]) -> int:

@@ -141,7 +141,7 @@ def _planned_entries(reader: SafetensorsReader, plan: Plan):
 def _stream(reader: SafetensorsReader, plan: Plan, output_path: str, options: QuantOptions,
             merger=None) -> ConvertResult:
     device = pick_device(options)
-    method = get_method(options.method)
+    method = get_method(options.method, options)
     metadata = reader.metadata()
     layers_conf: dict[str, dict] = {}
     stats: list[LayerStats] = []

@@ -5,15 +5,20 @@ import dataclasses
 import math
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from .errors import QuantError
 from .formats import FAMILIES, FORMAT_FAMILIES, make_format, resolve_scaling
 from .formats.int8 import is_power_of_4
+from .methods.learned import LearnedConfig
 from .select.presets import PRESETS
 
-METHODS = ("rtn",)
+METHODS = ("rtn", "learned")
 VERIFY_LEVELS = ("off", "cheap", "full")
+BF16_MODES = ("auto", "on", "off")
+# --streaming-mode: layers with more weight elements than this are quantized on the CPU when the device is CUDA
+STREAMING_THRESHOLDS = {"off": math.inf, "minimal": 100_000_000, "balanced": 50_000_000, "aggressive": 25_000_000}
+STREAMING_MODES = (*STREAMING_THRESHOLDS, "auto")
 
 
 @dataclass
@@ -25,7 +30,17 @@ class QuantOptions:
     block_size: int = 128  # tile size of the explicit block modes
     convrot: bool = False  # INT8 per-row with a ConvRot (block Hadamard) rotation
     convrot_group_size: int = 256
-    method: str = "rtn"  # round-to-nearest (`--simple`); learned rounding, GPTQ, QuIP come with the methods issue
+    method: str = "rtn"  # rtn (`--simple`, the default: it wins on output error) | learned (`--optimizer …`)
+    learned: LearnedConfig | dict = field(default_factory=LearnedConfig)  # settings of method "learned"
+    calibration_data: str | None = None  # FORMATS.md §4 statistics file (SmoothQuant, static activation scales)
+    smoothquant: bool = False
+    smoothquant_alpha: float = 0.5  # migration strength: s_k = absmax_x^α / absmax_w^(1−α)
+    static_activations: bool = False  # write input_scale (fp8, nvfp4) from the calibration file
+    bf16_compute: str = "auto"  # auto | on | off: bf16 for learned rounding's projections
+    bf16_threshold: int = 1_000_000  # auto: layers with at least this many elements, on CUDA with bf16
+    streaming_mode: str = "auto"  # off | minimal | balanced | aggressive | auto (from free GPU memory)
+    stream_hadamard_threshold: int | None = None  # overrides the mode's per-layer element threshold
+    no_memory_limits: bool = False  # every layer on the GPU, no CPU retry after an out-of-memory error
     full_precision_matrix_mult: bool = False
     presets: tuple[str, ...] = ()
     exclude_layers: str | None = None  # regex on layer names
@@ -56,6 +71,7 @@ class QuantOptions:
             raise QuantError(f"unknown format {self.format!r} (choose from {', '.join(FORMAT_FAMILIES)})")
         if self.method not in METHODS:
             raise QuantError(f"unknown method {self.method!r} (available: {', '.join(METHODS)})")
+        self._validate_methods()
         if self.verify not in VERIFY_LEVELS:
             raise QuantError(f"unknown verify level {self.verify!r} (choose from {', '.join(VERIFY_LEVELS)})")
         if self.convrot and not is_power_of_4(self.convrot_group_size):
@@ -81,6 +97,29 @@ class QuantOptions:
         if unknown:
             raise QuantError(f"unknown preset {unknown[0]!r} (choose from {', '.join(PRESETS)})")
         return self
+
+    def _validate_methods(self) -> None:
+        if isinstance(self.learned, dict):
+            known = {f.name for f in dataclasses.fields(LearnedConfig)}
+            unknown = sorted(set(self.learned) - known)
+            if unknown:
+                raise QuantError(f"unknown learned-rounding setting {unknown[0]!r} (settings: {', '.join(sorted(known))})")
+            self.learned = LearnedConfig(**self.learned)
+        self.learned.validate()
+        if self.bf16_compute not in BF16_MODES:
+            raise QuantError(f"--bf16-compute must be one of {', '.join(BF16_MODES)}, got {self.bf16_compute!r}")
+        if self.streaming_mode not in STREAMING_MODES:
+            raise QuantError(f"--streaming-mode must be one of {', '.join(STREAMING_MODES)}, got {self.streaming_mode!r}")
+        for name in ("bf16_threshold", "stream_hadamard_threshold"):
+            value = getattr(self, name)
+            if value is not None and value < 0:
+                raise QuantError(f"--{name.replace('_', '-')} must be 0 or more, got {value}")
+        if not (math.isfinite(self.smoothquant_alpha) and 0 <= self.smoothquant_alpha <= 1):
+            raise QuantError(f"--smoothquant-alpha must be between 0 and 1, got {self.smoothquant_alpha}")
+        if self.smoothquant and self.calibration_data is None:
+            raise QuantError("--smoothquant needs --calibration-data FILE (per-layer input_absmax, FORMATS.md §4)")
+        if self.calibration_data is not None and not os.path.isfile(self.calibration_data):
+            raise QuantError(f"--calibration-data {self.calibration_data}: no such file")
 
     def main_format(self):
         """The format module for layers no rule overrides."""
