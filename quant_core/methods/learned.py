@@ -56,7 +56,6 @@ class LearnedConfig:
     min_k: int = 64
     max_k: int = 1024
     full_matrix: bool = False  # full SVD instead of the randomized low-rank one
-    compute_dtype: torch.dtype = torch.float32  # bf16 for the projections (set per layer by --bf16-compute)
 
     def validate(self) -> "LearnedConfig":
         for name, allowed in (("optimizer", OPTIMIZERS), ("lr_schedule", SCHEDULES),
@@ -174,6 +173,7 @@ class LearnedRounding:
 
     def __init__(self, config: LearnedConfig | None = None):
         self.config = (config or LearnedConfig()).validate()
+        self.compute_dtype = torch.float32  # of the projections; the converter sets it per layer (--bf16-compute)
         self.last_iterations = 0  # iterations run on the last layer (tests, benchmarks)
 
     def codes(self, fmt: Format, grid: Grid, layer: str) -> torch.Tensor:
@@ -190,7 +190,7 @@ class LearnedRounding:
     def _projected_error(self, codes: torch.Tensor, grid: Grid, u, v) -> torch.Tensor:
         """P = U_kᵀ (Q·S − W) V_k, [k, k]."""
         error = codes * grid.scale - grid.work
-        dtype = self.config.compute_dtype
+        dtype = self.compute_dtype
         return (u.T.to(dtype) @ error.to(dtype) @ v.to(dtype)).float()
 
     def _original(self, rtn: torch.Tensor, grid: Grid, u, v) -> torch.Tensor:
@@ -217,7 +217,7 @@ class LearnedRounding:
         optimizer = optimizer_class([delta], lr=self.config.lr)
         schedule = LrSchedule(self.config, tuple(grid.work.shape))
         best = delta.detach().clone()
-        dtype = self.config.compute_dtype
+        dtype = self.compute_dtype
         u_c, v_c = u.to(dtype), v.to(dtype)
         for i in range(self.config.num_iter):
             self.last_iterations = i + 1
