@@ -51,6 +51,12 @@ CASES = {
     "fp8_e5m2": (["--format", "fp8_e5m2"], ["--expect-format", "float8_e5m2"]),
     "nvfp4": (["--format", "nvfp4"], ["--expect-format", "nvfp4"]),
     "mxfp8": (["--format", "mxfp8"], ["--expect-format", "mxfp8"]),
+    # methods and calibration-based outputs ({calib}: a calibration file covering every layer)
+    "learned-int8": (["--optimizer", "adamw", "--num_iter", "50"],
+                     ["--expect-format", "int8_tensorwise", "--expect-int8-scale", "row"]),
+    "learned-nvfp4": (["--nvfp4", "--optimizer", "original"], ["--expect-format", "nvfp4"]),
+    "fp8-static-activations": (["--fp8", "--static-activations", "--calibration-data", "{calib}"],
+                               ["--expect-format", "float8_e4m3fn", "--expect-input-scale"]),
 }
 
 
@@ -105,9 +111,23 @@ def flux_src(tmp_path_factory):
     return str(path)
 
 
+@pytest.fixture(scope="module")
+def calib(flux_src, tmp_path_factory):
+    """FORMATS.md §4 file with input_absmax 5.0 on every channel of every Linear (covers the check's randn inputs)."""
+    from safetensors import safe_open
+    with safe_open(flux_src, "pt") as f:
+        absmax = {k[: -len(".weight")]: torch.full((f.get_slice(k).get_shape()[1],), 5.0) for k in f.keys()
+                  if k.endswith(".weight") and len(f.get_slice(k).get_shape()) == 2}
+    path = tmp_path_factory.mktemp("calib") / "calib.safetensors"
+    save_file({f"{layer}.input_absmax": a for layer, a in absmax.items()}, str(path),
+              metadata={"format": "quant_calibration", "version": "1", "source": "test_comfyui_loader"})
+    return str(path)
+
+
 @pytest.mark.parametrize("case", list(CASES))
-def test_comfyui_loads_and_runs(case, flux_src, comfy_env, tmp_path):
+def test_comfyui_loads_and_runs(case, flux_src, comfy_env, calib, tmp_path):
     cli_args, expect = CASES[case]
+    cli_args = [a.replace("{calib}", calib) for a in cli_args]
     out = str(tmp_path / f"flux_tiny_{case}.safetensors")
     conv = subprocess.run([sys.executable, "-m", "quant_core", "-i", flux_src, "-o", out, *cli_args,
                            "--no-progress", "--overwrite"], cwd=ROOT, capture_output=True, text=True, timeout=600)
