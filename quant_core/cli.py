@@ -12,7 +12,7 @@ import threading
 
 from . import __version__
 from .errors import QuantError
-from .methods.learned import ADAPTIVE_MODES, OPTIMIZERS, SCHEDULES, THRESHOLD_MODES, LearnedConfig
+from .methods.learned import ADAPTIVE_MODES, OPTIMIZERS, SCHEDULES, THRESHOLD_MODES, VERDICT, LearnedConfig
 from .options import BF16_MODES, STREAMING_MODES, QuantOptions
 from .select.presets import PRESETS
 
@@ -151,8 +151,7 @@ def _add_learned_group(parser):
     opt = parser.add_argument_group(
         "Learned Rounding (SVD) Options",
         "Optimize the rounding on the fixed scale grid to shrink the weight error in its top-k singular subspace. "
-        "Measured on MiniLM output error against round-to-nearest (benchmarks/bench_learned.py): it does NOT beat "
-        "RTN for any format (within ±0.1 dB or worse); kept for compatibility with the seed's flags.")
+        f"Measured: {VERDICT}; kept for the seed's flags.")
     opt.add_argument("--optimizer", choices=OPTIMIZERS,
                      help="use learned rounding with this optimizer: original (the seed's normalized projected "
                           "step), adamw, radam")

@@ -78,8 +78,9 @@ def convert(input_path: str, output_path: str | None, options: QuantOptions) -> 
     result.input_bytes = os.path.getsize(input_path)
     result.output_bytes = os.path.getsize(result.output)
     if options.report_path:
-        result.report.write_json(options.report_path, {"output": result.output, "kept": {
-            d.key: d.reason for d in plan.of(KEEP) if d.reason}})
+        result.report.write_json(options.report_path, {"output": result.output, "method": options.method,
+                                                       "notes": result.notes, "kept": {
+                                                           d.key: d.reason for d in plan.of(KEEP) if d.reason}})
     return result
 
 
@@ -232,6 +233,9 @@ def _stream(reader: SafetensorsReader, plan: Plan, output_path: str, options: Qu
     layers_conf: dict[str, dict] = {}
     stats: list[LayerStats] = []
     notes: list[str] = list(extras.notes)
+    if options.method == "learned":
+        from .methods.learned import VERDICT
+        notes.append(f"note: {VERDICT}")
     reserve = header_reserve(list(_planned_entries(reader, plan, extras.input_scales)),
                              {**metadata, QUANT_METADATA_KEY: json.dumps({"layers": {d.layer: {"format": "x" * 64}
                                                                           for d in plan.of(QUANTIZE)}})})
