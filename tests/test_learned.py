@@ -149,3 +149,15 @@ def test_cli_learned_rounding_names_the_method(cli, flux_file, tmp_path):
         assert '"method": "learned"' in reader.metadata()["quant_core"]
     code, stdout, err = cli("-i", flux_file, "--optimizer", "radam", "--num_iter", "5")
     assert code == 0 and "_learned_int8_row.safetensors" in stdout
+
+
+def test_randomized_svd_is_seeded_without_touching_the_callers_rng():
+    w = weight(300, 500)
+    config = LearnedConfig(min_k=8)
+    first = singular_subspace(w, config)
+    torch.manual_seed(5)
+    expected = torch.rand(3)
+    torch.manual_seed(5)
+    second = singular_subspace(w, config)
+    assert torch.equal(torch.rand(3), expected)  # the caller's stream continues as if nothing happened
+    assert torch.equal(first[0], second[0]) and torch.equal(first[1], second[1])  # same file from the same input

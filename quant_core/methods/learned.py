@@ -160,12 +160,10 @@ def singular_subspace(work: torch.Tensor, config: LearnedConfig) -> tuple[torch.
     if config.full_matrix or k + 10 >= min(work.shape):
         u, _, vh = torch.linalg.svd(work, full_matrices=False)
         return u[:, :k].contiguous(), vh[:k].T.contiguous()
-    generator_state = torch.random.get_rng_state()
-    torch.manual_seed(0)  # svd_lowrank is randomized: same file from the same input
-    try:
+    # svd_lowrank is randomized: seed it (same file from the same input) without disturbing the caller's RNGs
+    with torch.random.fork_rng(devices=[work.device] if work.device.type == "cuda" else []):
+        torch.manual_seed(0)
         u, _, v = torch.svd_lowrank(work, q=k + 10, niter=4)
-    finally:
-        torch.random.set_rng_state(generator_state)
     return u[:, :k].contiguous(), v[:, :k].contiguous()
 
 
