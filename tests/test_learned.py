@@ -12,6 +12,10 @@ from quant_core.methods.learned import LearnedConfig, LearnedRounding, LrSchedul
 from quant_core.methods.rtn import RoundToNearest
 
 
+# quantize two layers of the tiny Flux file (the rest kept): enough to exercise every format, fast on 2 cores
+TWO_LAYERS = r"^(?!(double_blocks\.0\.img_attn\.qkv|single_blocks\.0\.linear2)$)"
+
+
 def weight(n=96, k=160, seed=0):
     g = torch.Generator().manual_seed(seed)
     return torch.randn(n, k, generator=g) * 0.05
@@ -128,26 +132,29 @@ def test_rank_selection_follows_top_p_min_k_max_k():
     assert LearnedConfig(min_k=0, max_k=16).validate().rank((3072, 3072)) == 16
 
 
-@pytest.mark.parametrize("options", [{"format": "int8"}, {"format": "int8", "convrot": True, "convrot_group_size": 16},
-                                     {"format": "fp8"}, {"format": "nvfp4"}, {"format": "mxfp8"}],
-                         ids=["int8", "convrot", "fp8", "nvfp4", "mxfp8"])
-def test_every_format_through_the_library_passes_full_verify(flux_file, tmp_path, options):
+@pytest.mark.parametrize("options,optimizer", [
+    ({"format": "int8"}, "original"), ({"format": "int8", "convrot": True, "convrot_group_size": 16}, "radam"),
+    ({"format": "fp8"}, "adamw"), ({"format": "nvfp4"}, "original"), ({"format": "mxfp8"}, "adamw")],
+    ids=["int8", "convrot", "fp8", "nvfp4", "mxfp8"])
+def test_every_format_through_the_library_passes_full_verify(flux_file, tmp_path, options, optimizer):
     out = str(tmp_path / "learned.safetensors")
-    result = quant_core.quantize(input=flux_file, output=out, method="learned", verify="full",
-                                 learned={"optimizer": "adamw", "num_iter": 20}, **options)
+    result = quant_core.quantize(input=flux_file, output=out, method="learned", verify="full", exclude_layers=TWO_LAYERS,
+                                 learned={"optimizer": optimizer, "num_iter": 20}, **options)
     assert result.verify.ok and result.verify.checked_reference
-    assert all(layer.sqnr_db > 15 for layer in result.report.layers)
+    assert len(result.report.layers) == 2 and all(layer.sqnr_db > 15 for layer in result.report.layers)
 
 
 def test_cli_learned_rounding_names_the_method(cli, flux_file, tmp_path):
     out = tmp_path / "o.safetensors"
-    code, stdout, err = cli("-i", flux_file, "-o", out, "--optimizer", "original", "--num_iter", "50",
+    code, stdout, err = cli("-i", flux_file, "-o", out, "--exclude-layers", TWO_LAYERS, "--optimizer", "original",
+                            "--num_iter", "50",
                             "--lr_schedule", "plateau", "--lr_patience", "3", "--top_p", "0.1", "--full_matrix")
     assert code == 0, err
     assert "learned rounding does not beat round-to-nearest" in stdout  # the honest verdict, in every run
     with SafetensorsReader(str(out)) as reader:
         assert '"method": "learned"' in reader.metadata()["quant_core"]
-    code, stdout, err = cli("-i", flux_file, "--optimizer", "radam", "--num_iter", "5")
+    code, stdout, err = cli("-i", flux_file, "--exclude-layers", TWO_LAYERS, "--optimizer", "radam", "--num_iter", "5",
+                            "--verify", "off")
     assert code == 0 and "_learned_int8_row.safetensors" in stdout
 
 
