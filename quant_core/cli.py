@@ -130,8 +130,8 @@ def _add_format_group(parser):
 def _add_quantization_group(parser):
     q = parser.add_argument_group("Quantization Options")
     q.add_argument("--simple", action="store_true",
-                   help="round-to-nearest (the default: on MiniLM output error it beats learned rounding for every "
-                        "format, see README)")
+                   help="round-to-nearest (the default: on MiniLM output error learned rounding does not beat it "
+                        "for any format, see README)")
     q.add_argument("--heur", action="store_true", help="keep layers with poor shapes for quantization in high precision")
     q.add_argument("--exclude-layers", "--exclude_layers", metavar="REGEX", help="keep layers matching REGEX unquantized")
     q.add_argument("--layer-config", "--layer_config", metavar="FILE.json", help="per-layer rules (see README)")
