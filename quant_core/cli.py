@@ -40,29 +40,29 @@ NOT_YET = [
 # Learned rounding flags, the seed's names: (flag names, LearnedConfig field, argparse type/choices, help).
 # Given without --optimizer they are refused: the default method is round-to-nearest.
 LEARNED_FLAGS = [
-    (("--num_iter", "--num-iter"), "num_iter", int, "maximum iterations per layer (default 1000)"),
-    (("--lr",), "lr", float, "initial learning rate (default 0.008077)"),
-    (("--lr_schedule", "--lr-schedule"), "lr_schedule", SCHEDULES, "adaptive (default), exponential or plateau"),
-    (("--lr_gamma", "--lr-gamma"), "lr_gamma", float, "[exponential] decay per step (default 0.99)"),
-    (("--lr_patience", "--lr-patience"), "lr_patience", int, "[plateau] steps without improvement before a decay (9)"),
-    (("--lr_factor", "--lr-factor"), "lr_factor", float, "[plateau, adaptive] decay factor (0.92)"),
-    (("--lr_min", "--lr-min"), "lr_min", float, "[plateau, exponential] lower LR bound (1e-10)"),
+    (("--num_iter", "--num-iter"), "num_iter", int, "maximum iterations per layer"),
+    (("--lr",), "lr", float, "initial learning rate"),
+    (("--lr_schedule", "--lr-schedule"), "lr_schedule", SCHEDULES, "adaptive, exponential or plateau"),
+    (("--lr_gamma", "--lr-gamma"), "lr_gamma", float, "[exponential] decay per step"),
+    (("--lr_patience", "--lr-patience"), "lr_patience", int, "[plateau] steps without improvement before a decay"),
+    (("--lr_factor", "--lr-factor"), "lr_factor", float, "[plateau, adaptive] decay factor"),
+    (("--lr_min", "--lr-min"), "lr_min", float, "[plateau, exponential] lower LR bound"),
     (("--lr_cooldown", "--lr-cooldown"), "lr_cooldown", int,
-     "[plateau] steps after a decay before watching again; [adaptive] decay every N stalled steps (6)"),
-    (("--lr_threshold", "--lr-threshold"), "lr_threshold", float, "minimum improvement that counts (0)"),
+     "[plateau] steps after a decay before watching again; [adaptive] decay every N stalled steps"),
+    (("--lr_threshold", "--lr-threshold"), "lr_threshold", float, "minimum improvement that counts"),
     (("--lr_adaptive_mode", "--lr-adaptive-mode"), "lr_adaptive_mode", ADAPTIVE_MODES,
      "[adaptive] simple-reset (stall counter restarts at each improvement) or no-reset (keeps counting)"),
     (("--lr-shape-influence", "--lr_shape_influence"), "lr_shape_influence", float,
-     "[plateau] elongated weights decay faster: factor^sqrt(aspect) blended by this (1.0; 0 = off)"),
+     "[plateau] elongated weights decay faster: factor^sqrt(aspect) blended by this (0 = off)"),
     (("--lr-threshold-mode", "--lr_threshold_mode"), "lr_threshold_mode", THRESHOLD_MODES,
-     "--lr_threshold relative to the best loss (rel, default) or absolute (abs)"),
-    (("--early-stop-loss", "--early_stop_loss"), "early_stop_loss", float, "stop when the loss is below this (1e-8)"),
-    (("--early-stop-lr", "--early_stop_lr"), "early_stop_lr", float, "stop when the LR is below this (1e-10)"),
+     "--lr_threshold relative to the best loss (rel) or absolute (abs)"),
+    (("--early-stop-loss", "--early_stop_loss"), "early_stop_loss", float, "stop when the loss is below this"),
+    (("--early-stop-lr", "--early_stop_lr"), "early_stop_lr", float, "stop when the LR is below this"),
     (("--early-stop-stall", "--early_stop_stall"), "early_stop_stall", int,
-     "stop after this many steps without improvement (1000)"),
-    (("--top_p", "--top-p"), "top_p", float, "share of the rank used as k singular directions (0.2)"),
-    (("--min_k", "--min-k"), "min_k", int, "minimum k (64)"),
-    (("--max_k", "--max-k"), "max_k", int, "maximum k (1024)"),
+     "stop after this many steps without improvement"),
+    (("--top_p", "--top-p"), "top_p", float, "share of the rank used as k singular directions"),
+    (("--min_k", "--min-k"), "min_k", int, "minimum k"),
+    (("--max_k", "--max-k"), "max_k", int, "maximum k"),
     (("--full_matrix", "--full-matrix"), "full_matrix", bool, "exact SVD instead of the randomized low-rank one"),
 ]
 
@@ -155,7 +155,10 @@ def _add_learned_group(parser):
     opt.add_argument("--optimizer", choices=OPTIMIZERS,
                      help="use learned rounding with this optimizer: original (the seed's normalized projected "
                           "step), adamw, radam")
+    defaults = LearnedConfig()
     for names, dest, kind, text in LEARNED_FLAGS:
+        if kind is not bool:
+            text = f"{text} (default {getattr(defaults, dest)})"
         if kind is bool:
             opt.add_argument(*names, dest=dest, action="store_true", default=None, help=text)
         elif isinstance(kind, tuple):
