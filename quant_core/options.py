@@ -5,16 +5,21 @@ import dataclasses
 import math
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from .errors import QuantError
 from .formats import FAMILIES, FORMAT_FAMILIES, make_format, resolve_scaling
 from .formats.int8 import is_power_of_4
+from .methods.learned import LearnedConfig
 from .select.presets import PRESETS
 
-METHODS = ("rtn", "gptq", "quip")
-LEARNED_ROUNDING = ("original", "adamw", "radam", "prodigy")  # the seed's learned-rounding optimizers (not here)
+METHODS = ("rtn", "gptq", "quip", "learned")
+LEARNED_ROUNDING = ("original", "adamw", "radam")  # the seed's learned-rounding optimizers: method "learned"
 VERIFY_LEVELS = ("off", "cheap", "full")
+BF16_MODES = ("auto", "on", "off")
+# --streaming-mode: layers with more weight elements than this are quantized on the CPU when the device is CUDA
+STREAMING_THRESHOLDS = {"off": math.inf, "minimal": 100_000_000, "balanced": 50_000_000, "aggressive": 25_000_000}
+STREAMING_MODES = (*STREAMING_THRESHOLDS, "auto")
 
 
 @dataclass
@@ -26,7 +31,8 @@ class QuantOptions:
     block_size: int = 128  # tile size of the explicit block modes
     convrot: bool = False  # INT8 per-row with a ConvRot (block Hadamard) rotation
     convrot_group_size: int = 256
-    method: str = "rtn"  # rtn (`--simple`) | gptq | quip
+    method: str = "rtn"  # rtn (`--simple`, the default) | gptq | quip | learned (`--optimizer original/adamw/radam`)
+    learned: LearnedConfig | dict = field(default_factory=LearnedConfig)  # settings of method "learned"
     calibration_data: str | None = None  # FORMATS.md §4 statistics file (real inputs)
     calibration_lora: str | None = None  # LoRA whose down-projections give the input directions (no file needed)
     bias_correction: bool = True  # b' = b + (W − Ŵ)·E[x] where the calibration data has a real mean
@@ -41,6 +47,14 @@ class QuantOptions:
     quip_checkpointed: bool = False  # keep the inverse-Hessian factor on the CPU for large layers
     quip_checkpoint_threshold: int = 8192  # K at or above which --quip-checkpointed applies
     quip_checkpoint_segments: int = 4  # row segments of the factor moved to the device one at a time
+    smoothquant: bool = False
+    smoothquant_alpha: float = 0.5  # migration strength: s_k = absmax_x^α / absmax_w^(1−α)
+    static_activations: bool = False  # write input_scale (fp8, nvfp4) from the calibration file
+    bf16_compute: str = "auto"  # auto | on | off: bf16 for learned rounding's projections
+    bf16_threshold: int = 1_000_000  # auto: layers with at least this many elements, on CUDA with bf16
+    streaming_mode: str = "auto"  # off | minimal | balanced | aggressive | auto (from free GPU memory)
+    stream_hadamard_threshold: int | None = None  # overrides the mode's per-layer element threshold
+    no_memory_limits: bool = False  # every layer on the GPU, no CPU retry after an out-of-memory error
     full_precision_matrix_mult: bool = False
     presets: tuple[str, ...] = ()
     exclude_layers: str | None = None  # regex on layer names
@@ -71,8 +85,8 @@ class QuantOptions:
         if self.format not in FORMAT_FAMILIES:
             raise QuantError(f"unknown format {self.format!r} (choose from {', '.join(FORMAT_FAMILIES)})")
         if self.method in LEARNED_ROUNDING:
-            raise QuantError(f"--optimizer {self.method}: learned rounding is not in this build (available: "
-                             f"{', '.join(METHODS)})")
+            raise QuantError(f"method {self.method!r}: learned rounding is method 'learned' with "
+                             f"learned={{'optimizer': {self.method!r}}} (CLI: --optimizer {self.method})")
         if self.method not in METHODS:
             raise QuantError(f"unknown method {self.method!r} (available: {', '.join(METHODS)})")
         self._validate_methods()
@@ -106,6 +120,7 @@ class QuantOptions:
         return self
 
     def _validate_methods(self) -> None:
+        self._validate_learned_smoothing_memory()
         for path, flag in ((self.calibration_data, "--calibration-data"), (self.calibration_lora, "--calibration-lora")):
             if path is not None and not os.path.isfile(path):
                 raise QuantError(f"{flag} {path}: no such file")
@@ -126,7 +141,7 @@ class QuantOptions:
 
     def uses_calibration(self) -> bool:
         """Whether a conversion needs per-layer input statistics (a method, bias correction or the report)."""
-        return self.method != "rtn" or self.calibration_data is not None or self.calibration_lora is not None
+        return self.method in ("gptq", "quip") or self.calibration_data is not None or self.calibration_lora is not None
 
     def method_config(self):
         """The config record of the chosen method (None for RTN)."""
@@ -139,7 +154,33 @@ class QuantOptions:
             sweep = SweepConfig(self.gptq_damp, self.gptq_block_size, self.quip_actorder, segments,
                                 self.quip_checkpoint_threshold)
             return QuipConfig(self.quip_seed, self.quip_hadamard, sweep, self.scale_search)
+        if self.method == "learned":
+            return self.learned
         return None
+
+    def _validate_learned_smoothing_memory(self) -> None:
+        if isinstance(self.learned, dict):
+            known = {f.name for f in dataclasses.fields(LearnedConfig)}
+            unknown = sorted(set(self.learned) - known)
+            if unknown:
+                raise QuantError(f"unknown learned-rounding setting {unknown[0]!r} (settings: {', '.join(sorted(known))})")
+            self.learned = LearnedConfig(**self.learned)
+        self.learned.validate()
+        if self.bf16_compute not in BF16_MODES:
+            raise QuantError(f"--bf16-compute must be one of {', '.join(BF16_MODES)}, got {self.bf16_compute!r}")
+        if self.streaming_mode not in STREAMING_MODES:
+            raise QuantError(f"--streaming-mode must be one of {', '.join(STREAMING_MODES)}, got {self.streaming_mode!r}")
+        for name in ("bf16_threshold", "stream_hadamard_threshold"):
+            value = getattr(self, name)
+            if value is not None and value < 0:
+                raise QuantError(f"--{name.replace('_', '-')} must be 0 or more, got {value}")
+        if not (math.isfinite(self.smoothquant_alpha) and 0 <= self.smoothquant_alpha <= 1):
+            raise QuantError(f"--smoothquant-alpha must be between 0 and 1, got {self.smoothquant_alpha}")
+        if self.smoothquant and self.calibration_data is None:
+            raise QuantError("--smoothquant needs --calibration-data FILE (per-layer input_absmax, FORMATS.md §4)")
+        if self.smoothquant and self.method in ("gptq", "quip"):
+            raise QuantError(f"--smoothquant with --optimizer {self.method}: the calibration Hessian describes the "
+                             "unsmoothed inputs; use one of the two")
 
     def main_format(self):
         """The format module for layers no rule overrides."""

@@ -225,6 +225,8 @@ def _layout_problems(reader, layer: str, conf: dict, suffixes: dict[str, list[st
         _expect(reader, f"{layer}.weight_scale", ("F8_E4M3",), [blocked_shape(n, 2 * k // 16)], problems)
         _expect(reader, f"{layer}.weight_scale_2", ("F32",), ONE_ELEMENT, problems)
         allowed |= {"weight_scale_2", "input_scale", "pre_quant_scale"}
+        if f"{layer}.input_scale" in reader.keys():
+            _expect(reader, f"{layer}.input_scale", ("F32",), ONE_ELEMENT, problems)
     elif name == "mxfp8":
         _expect(reader, f"{layer}.weight", ("F8_E4M3",), None, problems)
         if n % 32 or k % 32:
@@ -277,6 +279,8 @@ def _check_scale_values(reader, layer: str, name: str, result: VerifyResult) -> 
             result.defects.append(f"{key}: has NaN/Inf values")
         elif suffix in ("weight_scale", "weight_scale_2") and name != "nvfp4" and bool((values <= 0).any()):
             result.defects.append(f"{key}: scales must be positive")
+        elif suffix == "input_scale" and bool((values <= 0).any()):
+            result.defects.append(f"{key}: a static activation scale must be positive (activations are divided by it)")
         elif bool((values < 0).any()) and suffix != "pre_quant_scale":
             result.defects.append(f"{key}: scales must not be negative")
 

@@ -320,6 +320,8 @@ def check_layers(a, reader, sd, metadata, src_sd, cap, probs, stats):
                 fail(LOAD, f"missing={list(res.missing_keys)} unexpected={list(res.unexpected_keys)}")
             for msg in cap.since(n_log):
                 fail(LOAD, f"comfy warning: {msg}")
+            if a.expect_input_scale:
+                fail_input_scale(leaf, sub.get(f"{layer}.input_scale"), fail)
             w = leaf.weight
             if not isinstance(w, QuantizedTensor):
                 fail(LOAD, f"weight not quantized after load ({type(w).__name__})")
@@ -356,6 +358,17 @@ def check_layers(a, reader, sd, metadata, src_sd, cap, probs, stats):
         st[2] = max(st[2], deq_rel if deq_rel == deq_rel else math.inf)
         print(f"{layer:36s} {str(fmt):16s} {shape:>11s} {path:8s} {fwd_rel:8.5f} {deq_rel:8.5f} {bound:5.2f}  "
               f"{_NAME[code]}" + (f" {'; '.join(notes)}" if notes else " missing=[] unexpected=[]"))
+
+
+def fail_input_scale(leaf, stored, fail):
+    """--expect-input-scale: the file's static activation scale must arrive on the module unchanged."""
+    loaded = getattr(leaf, "input_scale", None)
+    if stored is None:
+        fail(LOAD, "no input_scale in the file")
+    elif loaded is None:
+        fail(LOAD, "input_scale in the file but not on the loaded module")
+    elif float(loaded) != float(stored):
+        fail(LOAD, f"loaded input_scale {float(loaded)} != stored {float(stored)}")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -524,6 +537,8 @@ def main(argv=None):
     ap.add_argument("--expect-format", help="every marked layer must have this ComfyUI format name")
     ap.add_argument("--expect-int8-scale", choices=["tensor", "row"], help="int8 weight_scale must be per-tensor/per-row")
     ap.add_argument("--expect-convrot-group", type=int, help="int8 layers must be ConvRot with this group size")
+    ap.add_argument("--expect-input-scale", action="store_true",
+                    help="every marked layer has an input_scale that ComfyUI puts on the module unchanged")
     ap.add_argument("--bound", action="append", default=[], metavar="FMT=X", help="override an error bound")
     ap.add_argument("--tokens", type=int, default=8)
     ap.add_argument("--seed", type=int, default=0)

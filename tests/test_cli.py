@@ -113,11 +113,25 @@ def test_python_api(flux_file, tmp_path):
 
 
 def test_not_yet_flags_are_refused_clearly(cli, flux_file):
-    for flags in (["--smoothquant"], ["--static-activations"], ["--num_iter", "5"], ["--bf16-compute", "auto"]):
+    for flags in (["--actcal"], ["--bf16-hessian-threshold", "10"], ["--stream-ldlq-threshold", "5"]):
         code, out, err = cli("-i", flux_file, *flags)
         assert code == 2 and "not available in this version" in err and err.count("\n") == 1
-    code, out, err = cli("-i", flux_file, "--optimizer", "radam")
-    assert code == 2 and "learned rounding is not in this build" in err and err.count("\n") == 1
+    code, out, err = cli("-i", flux_file, "--num_iter", "5")  # a learned-rounding knob without --optimizer
+    assert code == 2 and "add --optimizer original|adamw|radam" in err and err.count("\n") == 1
+    assert not [p for p in os.listdir(os.path.dirname(flux_file)) if p != os.path.basename(flux_file)]
+
+
+def test_method_flags_are_checked_in_one_line(cli, flux_file):
+    cases = [(["--optimizer", "gptq"], "invalid choice"),
+             (["--num_iter", "5"], "--num_iter configures learned rounding; add --optimizer"),
+             (["--optimizer", "adamw", "--simple"], "exclude each other"),
+             (["--optimizer", "original", "--min_k", "9", "--max_k", "3"], "--min_k 9 is above --max_k 3"),
+             (["--smoothquant"], "--smoothquant needs --calibration-data"),
+             (["--calibration-data", "nope.safetensors"], "no such file"),
+             (["--smoothquant-alpha", "1.5", "--calibration-data", flux_file], "between 0 and 1")]
+    for flags, message in cases:
+        code, out, err = cli("-i", flux_file, *flags)
+        assert code == 2 and message in err and err.count("\n") == 1, (flags, err)
     assert not [p for p in os.listdir(os.path.dirname(flux_file)) if p != os.path.basename(flux_file)]
 
 

@@ -59,6 +59,11 @@ CASES = {
     "quip-convrot64": (["--optimizer", "quip", "--quip-store-transformed", "--convrot-group-size", "64",
                         "--calibration-data", "{calib}"],
                        ["--expect-format", "int8_tensorwise", "--expect-convrot-group", "64"]),
+    "learned-int8": (["--optimizer", "adamw", "--num_iter", "50"],
+                     ["--expect-format", "int8_tensorwise", "--expect-int8-scale", "row"]),
+    "learned-nvfp4": (["--nvfp4", "--optimizer", "original"], ["--expect-format", "nvfp4"]),
+    "fp8-static-activations": (["--fp8", "--static-activations", "--calibration-data", "{calib}"],
+                               ["--expect-format", "float8_e4m3fn", "--expect-input-scale"]),
 }
 
 

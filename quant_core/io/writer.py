@@ -146,12 +146,19 @@ class StreamingWriter:
         self._names: set[str] = set()
         self._pos = 0  # bytes of tensor data written so far
         self._finished = self._published = False
-        try:
+        self._file = self._background = None
+        try:  # __exit__ never runs for an exception in here (e.g. Ctrl-C right after the temp file is created)
             self._file = open(self.temp, "w+b")
             self._file.seek(reserve)
-        except OSError as e:
-            raise QuantError(f"{output}: cannot write to {directory}: {e.strerror or e}") from None
-        self._background = _BackgroundWrites(self._file, background_bytes) if background_bytes > 0 else None
+            self._background = _BackgroundWrites(self._file, background_bytes) if background_bytes > 0 else None
+        except BaseException as e:
+            if self._file is not None:
+                self._file.close()
+            if os.path.exists(self.temp):  # the name holds our PID: nobody else's file
+                os.unlink(self.temp)
+            if isinstance(e, OSError):
+                raise QuantError(f"{output}: cannot write to {directory}: {e.strerror or e}") from None
+            raise
 
     def __enter__(self):
         return self
