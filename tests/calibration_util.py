@@ -9,6 +9,7 @@ def write_calibration(path: str, absmax: dict[str, torch.Tensor], input_scale: d
                       fmt: str = "quant_calibration") -> str:
     tensors = {f"{layer}.input_absmax": a.float().contiguous() for layer, a in absmax.items()}
     tensors |= {f"{layer}.input_scale": torch.tensor(float(s)) for layer, s in (input_scale or {}).items()}
+    tensors |= {f"{layer}.n_tokens": torch.tensor(1000, dtype=torch.int64) for layer in absmax}
     save_file(tensors, path, metadata={"format": fmt, "version": "1", "source": "tests"})
     return path
 

@@ -122,9 +122,11 @@ def test_not_yet_flags_are_refused_clearly(cli, flux_file):
 
 
 def test_method_flags_are_checked_in_one_line(cli, flux_file):
-    cases = [(["--optimizer", "gptq"], "invalid choice"),
+    cases = [(["--optimizer", "prodigy"], "invalid choice"),
              (["--num_iter", "5"], "--num_iter configures learned rounding; add --optimizer"),
-             (["--optimizer", "adamw", "--simple"], "exclude each other"),
+             (["--optimizer", "gptq", "--lr", "0.1"], "--lr configures learned rounding"),
+             (["--optimizer", "adamw", "--simple"], "contradicts --optimizer adamw"),
+             (["--smoothquant", "--calibration-data", flux_file, "--optimizer", "gptq"], "use one of the two"),
              (["--optimizer", "original", "--min_k", "9", "--max_k", "3"], "--min_k 9 is above --max_k 3"),
              (["--smoothquant"], "--smoothquant needs --calibration-data"),
              (["--calibration-data", "nope.safetensors"], "no such file"),

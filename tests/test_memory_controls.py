@@ -64,13 +64,13 @@ def simulate_cuda_oom(monkeypatch, fail_layers=None):
     real = LayerRun._compute_on
     attempts = []
 
-    def compute_on(self, device, decision, tensor):
+    def compute_on(self, device, decision, tensor, stats=None):
         attempts.append((decision.layer, device.type))
         if device.type == "cuda":
             if fail_layers is None or decision.layer in fail_layers:
                 raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
             device = torch.device("cpu")  # the "GPU" computation of layers that fit, done on the CPU here
-        return real(self, device, decision, tensor)
+        return real(self, device, decision, tensor, stats)
 
     monkeypatch.setattr(LayerRun, "_compute_on", compute_on)
     monkeypatch.setattr(convert_module, "pick_device", lambda options: CUDA)

@@ -192,15 +192,15 @@ def test_layers_missing_from_the_file_fall_back_and_say_so(calibrated_model, mak
 
 
 CLI_ERRORS = [
-    (["--optimizer", "adamw"], "learned rounding is not in this build"),
+    (["--optimizer", "adamw", "--num_iter", "-1"], "--num_iter must be 0 or more"),
     (["--optimizer", "gptq", "--simple"], "--simple is round-to-nearest"),
     (["--optimizer", "quip", "--quip-store-transformed", "--fp8"], "INT8 per-row ConvRot"),
     (["--quip-checkpointed"], "applies to --optimizer quip only"),
     (["--optimizer", "gptq", "--calibration-data", "nope.safetensors"], "--calibration-data nope.safetensors: no such"),
     (["--optimizer", "gptq", "--gptq-damp", "-1"], "--gptq-damp must be in [0, 10)"),
     (["--optimizer", "quip", "--quip-checkpoint-segments", "0"], "must be positive"),
-    (["--num_iter", "10"], "learned rounding is not available in this version yet"),
-    (["--smoothquant"], "SmoothQuant is not available"),
+    (["--num_iter", "10"], "--num_iter configures learned rounding"),
+    (["--smoothquant"], "--smoothquant needs --calibration-data"),
 ]
 
 

@@ -114,7 +114,7 @@ def test_smoothquant_refusals(flux_file, tmp_path):
         quant_core.quantize(input=flux_file, output=str(tmp_path / "o.safetensors"), smoothquant=True,
                             calibration_data=calib)
     bad = write_calibration(str(tmp_path / "bad.safetensors"), {"x": torch.ones(4)}, fmt="something_else")
-    with pytest.raises(QuantError, match="not a calibration statistics file"):
+    with pytest.raises(QuantError, match="expected 'quant_calibration'"):
         quant_core.quantize(input=flux_file, output=str(tmp_path / "o.safetensors"), smoothquant=True,
                             calibration_data=bad)
     assert not os.path.exists(tmp_path / "o.safetensors")
