@@ -4,8 +4,9 @@ from comfy_api.latest import ComfyExtension
 from .output import SaveQuantized, VerifyQuantized
 from .quantize import QuantizeFP8, QuantizeINT8, QuantizeMXFP8, QuantizeNVFP4
 from .source import LoadSafetensors, MergeLoRA
+from .transform import SmoothQuant
 
-NODES = [LoadSafetensors, MergeLoRA, QuantizeINT8, QuantizeFP8, QuantizeNVFP4, QuantizeMXFP8, SaveQuantized,
+NODES = [LoadSafetensors, MergeLoRA, SmoothQuant, QuantizeINT8, QuantizeFP8, QuantizeNVFP4, QuantizeMXFP8, SaveQuantized,
          VerifyQuantized]
 NODES_BY_ID = {node.GET_SCHEMA().node_id: node for node in NODES}
 

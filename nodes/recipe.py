@@ -49,7 +49,13 @@ class QuantRecipe:
             raise QuantError("the plan reaching Save Quantized has no Quantize node; add Quantize (INT8/FP8/NVFP4/MXFP8) "
                              "between Load Safetensors and Save Quantized")
         loras = tuple((step.path, step.strength) for step in self.loras)
-        fields = {**dict(self.transform), **dict(self.quantize), **run_fields, "loras": loras}
+        transform, quantize = dict(self.transform), dict(self.quantize)
+        smoothing_file, quantize_file = transform.get("calibration_data"), quantize.get("calibration_data")
+        if smoothing_file and quantize_file and smoothing_file != quantize_file:
+            raise QuantError("SmoothQuant and the Quantize node name two different calibration files; use one")
+        if quantize_file is None and smoothing_file:
+            quantize["calibration_data"] = smoothing_file  # the Quantize node's "synthetic" means "none of its own"
+        fields = {**transform, **quantize, **run_fields, "loras": loras}
         return QuantOptions(**fields).validate()
 
     def describe(self) -> str:

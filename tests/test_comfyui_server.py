@@ -19,12 +19,30 @@ from safetensors.torch import save_file
 import quant_core
 from comfy_env import ROOT, comfyui_tree
 from comfy_server import ComfyServer
+from calibration_util import write_calibration
 from test_comfyui_loader import comfy_loadable_flux
+
+
+def tiny_t5():
+    """T5-encoder key names and shapes (hidden 64), enough for the t5xxl preset and SmoothQuant's T5 folds."""
+    g = torch.Generator().manual_seed(5)
+    sd = {"shared.weight": torch.randn(100, 64, generator=g) * 0.1,
+          "encoder.final_layer_norm.weight": torch.ones(64)}
+    for i in range(2):
+        p = f"encoder.block.{i}.layer."
+        sd |= {p + f"0.SelfAttention.{x}.weight": torch.randn(64, 64, generator=g) * 0.1 for x in "qkvo"}
+        sd |= {p + "1.DenseReluDense.wi_0.weight": torch.randn(128, 64, generator=g) * 0.1,
+               p + "1.DenseReluDense.wi_1.weight": torch.randn(128, 64, generator=g) * 0.1,
+               p + "1.DenseReluDense.wo.weight": torch.randn(64, 128, generator=g) * 0.1,
+               p + "0.layer_norm.weight": torch.rand(64, generator=g) + 0.5,
+               p + "1.layer_norm.weight": torch.rand(64, generator=g) + 0.5}
+    return {k: v.to(torch.bfloat16) for k, v in sd.items()}
 
 pytestmark = pytest.mark.server
 ARTIFACTS = os.environ.get("QUANT_CORE_ARTIFACTS") or str(ROOT / "artifacts")
 EXAMPLES = ROOT / "example_workflows" / "api"
 MODEL, LORA = "tiny_flux.safetensors", "tiny_lora.safetensors"
+T5, T5_CALIB = "tiny_t5.safetensors", "tiny_t5_calibration.safetensors"
 
 
 def servers():
@@ -49,6 +67,11 @@ def server(request, tmp_path_factory):
         save_file({"lora_unet_double_blocks_0_img_attn_proj.lora_down.weight": torch.randn(4, 256, generator=g) * 0.1,
                    "lora_unet_double_blocks_0_img_attn_proj.lora_up.weight": torch.randn(256, 4, generator=g) * 0.1},
                   str(running.models("loras") / LORA))
+        t5 = tiny_t5()
+        save_file(t5, str(running.models("text_encoders") / T5))
+        absmax = {k[: -len(".weight")]: torch.rand(v.shape[1], generator=g) * 8 + 0.5 for k, v in t5.items()
+                  if k.endswith(".weight") and v.dim() == 2 and not k.startswith("shared")}
+        write_calibration(str(running.models("quant_calibration") / T5_CALIB), absmax)
         running.label = request.node.callspec.id if hasattr(request.node, "callspec") else "server"
         yield running
         os.makedirs(ARTIFACTS, exist_ok=True)
@@ -64,6 +87,10 @@ def example(name: str) -> dict:
             node["inputs"]["model"] = f"diffusion_models/{MODEL}"
         if node["class_type"] == "QuantCoreMergeLoRA":
             node["inputs"]["lora"] = f"loras/{LORA}"
+        if node["class_type"] == "QuantCoreLoadSafetensors" and "t5xxl" in name:
+            node["inputs"]["model"] = f"text_encoders/{T5}"
+        if node["class_type"] == "QuantCoreSmoothQuant":
+            node["inputs"]["calibration"] = f"quant_calibration/{T5_CALIB}"
         if node["class_type"] == "QuantCoreVerifyQuantized" and node["inputs"]["reference"] != "none":
             node["inputs"]["reference"] = f"diffusion_models/{MODEL}"
     return prompt
@@ -144,3 +171,14 @@ def test_failure_during_execution_reports_the_node_and_leaves_no_file(server):
     assert error["node_id"] == "2" and "match no weight" in error["exception_message"]
     assert not list((server.base / "models").rglob("never*"))
     assert server.get("/system_stats")["system"]
+
+
+def test_example_t5_nvfp4_smoothquant_workflow(server):
+    run = server.run(example("t5xxl_nvfp4_smoothquant.json"))
+    keep_transcript(run, "t5xxl_nvfp4_smoothquant_api")
+    assert run.end == "execution_success", run.transcript()
+    report = run.history["outputs"]["4"]["quant_report"][0]
+    assert report["verify"]["ok"] and set(report["formats"]) == {"nvfp4"}
+    assert any("smooth" in note.lower() for note in report["notes"]), report["notes"]
+    assert report["path"].startswith(str(server.base / "models" / "text_encoders"))
+    assert quant_core.verify(report["path"]).ok

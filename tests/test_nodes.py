@@ -301,3 +301,32 @@ def test_gptq_with_a_calibration_file_from_the_calibration_folder(pack, comfy_di
     assert report["verify"]["ok"] and len(report["layers"]) == 26
     with safe_open(out.args[0], "pt") as f:
         assert json.loads(f.metadata()["quant_core"])["method"] == "gptq"
+
+
+def test_smoothquant_node_adds_an_exact_fold_step(pack, comfy_dirs):
+    from calibration_util import write_calibration
+    from test_comfyui_server import tiny_t5
+    t5 = tiny_t5()
+    save_file(t5, str(comfy_dirs["text_encoders"] / "t5.safetensors"))
+    absmax = {k[: -len(".weight")]: torch.rand(v.shape[1]) * 8 + 0.5 for k, v in t5.items()
+              if k.endswith(".weight") and v.dim() == 2 and not k.startswith("shared")}
+    write_calibration(str(comfy_dirs["quant_calibration"] / "t5c.safetensors"), absmax)
+    smooth = node(pack, "QuantCoreSmoothQuant")
+    assert isinstance(smooth.validate_inputs(calibration="quant_calibration/t5c.safetensors", alpha=1.5), str)
+    assert isinstance(smooth.validate_inputs(calibration="quant_calibration/../x.safetensors", alpha=0.5), str)
+    plan = node(pack, "QuantCoreLoadSafetensors").execute(model="text_encoders/t5.safetensors")[0]
+    plan = smooth.execute(plan=plan, calibration="quant_calibration/t5c.safetensors", alpha=0.5)[0]
+    plan = node(pack, "QuantCoreQuantizeNVFP4").execute(plan=plan, **quant_inputs(preset="t5xxl"))[0]
+    options = plan.options(verify="full")
+    assert options.smoothquant and options.calibration_data.endswith("t5c.safetensors")  # not dropped by "synthetic"
+    out = node(pack, "QuantCoreSaveQuantized").execute(plan=plan, filename_prefix="t5", destination="output",
+                                                       verify="full")
+    report = out.ui["quant_report"][0]
+    assert report["verify"]["ok"] and any("smooth" in n.lower() for n in report["notes"])
+    gptq = node(pack, "QuantCoreQuantizeNVFP4").execute(
+        plan=smooth.execute(plan=node(pack, "QuantCoreLoadSafetensors").execute(
+            model="text_encoders/t5.safetensors")[0], calibration="quant_calibration/t5c.safetensors", alpha=0.5)[0],
+        **quant_inputs(method="gptq"))[0]
+    with pytest.raises(ValueError, match="use one of the two"):
+        node(pack, "QuantCoreSaveQuantized").execute(plan=gptq, filename_prefix="t5g", destination="output",
+                                                     verify="cheap")
