@@ -113,7 +113,8 @@ def test_example_int8_workflow_runs_with_progress_and_verifies(server):
     assert run.status == 200 and run.end == "execution_success", run.transcript()
     progress = [m for m in run.of("progress") if m.get("node") == "3"]
     assert progress and progress[-1]["value"] == progress[-1]["max"] == 48  # per layer, to the end
-    assert len({m["value"] for m in progress}) > 10
+    if server.python == sys.executable:  # 0.3.75 forwards every update; newer servers throttle progress messages
+        assert len({m["value"] for m in progress}) > 10
     executed = {m["node"]: m["output"] for m in run.of("executed")}
     report = executed["3"]["quant_report"][0]
     assert report["verify"]["ok"] is True and report["formats"] == {"int8_tensorwise (per-row)": 26}
