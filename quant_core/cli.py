@@ -401,5 +401,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
+        from .io.writer import remove_live_temps
+        remove_live_temps()
         print("interrupted; no output written", file=sys.stderr)
         return 130

@@ -125,6 +125,21 @@ class _BackgroundWrites:
             raise self._error
 
 
+_LIVE_TEMPS: set[str] = set()  # this process's temporary files, not yet published or removed
+
+
+def remove_live_temps() -> None:
+    """Remove this process's unpublished temporary files. The CLI calls it when Ctrl-C/SIGTERM unwinds: a signal can
+    land where no context manager runs (between the constructor's return and `__enter__`), which would otherwise
+    leave the temporary file behind."""
+    for path in list(_LIVE_TEMPS):
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+        _LIVE_TEMPS.discard(path)
+
+
 class StreamingWriter:
     """Write a safetensors file tensor by tensor. Use as a context manager: an exception (or a missing
     `publish()`) removes the temporary file and leaves nothing under the output name."""
@@ -140,6 +155,7 @@ class StreamingWriter:
             raise QuantError(f"{output}: already exists; pass --overwrite to replace it")
         self.stale_removed = remove_stale_temps(self.output)
         self.temp = _temp_name(self.output, os.getpid())
+        _LIVE_TEMPS.add(self.temp)  # before the file exists: no window in which it exists unregistered
         self.reserve = reserve
         self._entries: dict[str, dict] = {}
         self._deferred: list[tuple[str, torch.Tensor]] = []
@@ -219,6 +235,7 @@ class StreamingWriter:
             raise RuntimeError("publish() before finish()")
         self._publish()
         self._published = True
+        _LIVE_TEMPS.discard(self.temp)
         return self.output
 
     def _shift_data(self, header_len: int) -> None:
@@ -282,3 +299,4 @@ class StreamingWriter:
             os.unlink(self.temp)
         except FileNotFoundError:
             pass
+        _LIVE_TEMPS.discard(self.temp)
