@@ -76,7 +76,9 @@ def _segments(k: int, config: SweepConfig) -> list[tuple[int, int]]:
 def _sweep_blocks(weights, scales, divisors, upper, round_fn, config: SweepConfig) -> torch.Tensor:
     n, k = weights.shape
     codes = torch.empty_like(weights)
-    graphed = GraphedBlock.create(n, config.block_size, round_fn, weights.device) if k > config.block_size else None
+    from .ldlq_triton import block_runner
+    fused = block_runner(round_fn, config.block_size, weights.device) if k > config.block_size else None
+    graphed = GraphedBlock.create(n, config.block_size, round_fn, weights.device) if k > config.block_size and fused is None else None
     offload = _offloads(k, config)
     host_upper = upper.cpu() if offload else None
     if offload:
@@ -88,7 +90,9 @@ def _sweep_blocks(weights, scales, divisors, upper, round_fn, config: SweepConfi
             end = min(start + config.block_size, seg_end)
             rows = slice(start - seg_start, end - seg_start)
             u_block = u_seg[rows]  # [b, k - seg_start]
-            if graphed is not None and end - start == config.block_size:
+            if fused is not None and end - start == config.block_size:
+                errors = fused(weights, scales, divisors, codes, u_block, start, end, seg_start)
+            elif graphed is not None and end - start == config.block_size:
                 errors = graphed.run(weights, scales, divisors, codes, u_block, start, end, seg_start)
             else:
                 errors = _sweep_one_block(weights, scales, divisors, codes, u_block, start, end, seg_start, round_fn)
