@@ -141,3 +141,19 @@ def test_calibrate_subcommand_errors(cli, make_file, tmp_path):
     src = make_file({"a.weight": torch.randn(8, 32)})
     code, _, err = cli("calibrate", "-i", src, "-o", str(tmp_path / "c.safetensors"), "--text", "x.txt")
     assert code != 0 and "--hf-model and --text go together" in err and err.count("\n") == 1
+
+
+def test_range_readers_never_load_a_layers_hessian_and_negative_ranges_are_refused(tmp_path):
+    """SmoothQuant/static scales read through the shared reader with `only=`: a [K,K] tensor is not even read (a bad
+    one does not matter to them), while every range is still validated."""
+    from quant_core.transform._calibration import read_calibration
+    meta = {"format": "quant_calibration", "version": "1", "source": "test"}
+    path = str(tmp_path / "c.safetensors")
+    save_file({"l.input_absmax": torch.ones(4), "l.n_tokens": torch.tensor(3), "l.hessian": torch.ones(3, 3)},
+              path, metadata=meta)
+    assert float(read_calibration(path).input_absmax("l").sum()) == 4.0
+    with pytest.raises(QuantError, match="hessian has shape"):
+        CalibrationFile(path).get("l")
+    save_file({"l.input_absmax": -torch.ones(4), "l.n_tokens": torch.tensor(3)}, path, metadata=meta)
+    with pytest.raises(QuantError, match="absmax has negative values"):
+        read_calibration(path)

@@ -78,11 +78,14 @@ class CalibrationFile:
     def __contains__(self, layer: str) -> bool:
         return layer in self.layers
 
-    def get(self, layer: str, k: int | None = None) -> InputStats | None:
-        """The layer's statistics, validated (shapes agree with each other and with K when given), or None."""
+    def get(self, layer: str, k: int | None = None, only: tuple[str, ...] | None = None) -> InputStats | None:
+        """The layer's statistics, validated (shapes agree with each other and with K when given), or None.
+        `only` names the keys to read besides the required ones (e.g. ("input_scale",) for consumers that need no
+        Hessian: a [K,K] tensor per layer is then never read)."""
         if layer not in self.layers:
             return None
-        values = {SUFFIXES[s]: self._file.get_tensor(f"{layer}.{s}") for s in self.layers[layer]}
+        present = self.layers[layer] if only is None else self.layers[layer] & {*only, *REQUIRED}
+        values = {SUFFIXES[s]: self._file.get_tensor(f"{layer}.{s}") for s in present}
         return _build(values, layer, k, self.path)
 
     def close(self) -> None:
@@ -105,6 +108,8 @@ def _build(values: dict, layer: str, k: int | None, path: str) -> InputStats:
                              f"{list(want or ())} (K={k} input features of the layer)")
         if not value.is_floating_point() or not bool(torch.isfinite(value).all()):
             raise QuantError(f"{where}: {field} must hold finite floating-point values")
+        if field in ("absmax", "mean_sq", "input_scale") and bool((value < 0).any()):
+            raise QuantError(f"{where}: {field} has negative values")
         values[field] = value.float()
     if "mean_sq" not in values:
         values["mean_sq"] = torch.diagonal(values["hessian"]).clone() if "hessian" in values else absmax.float() ** 2

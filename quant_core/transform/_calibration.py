@@ -1,54 +1,38 @@
-"""A minimal reader of the calibration statistics file (FORMATS.md §4) for SmoothQuant and static activation scales.
+"""The per-layer activation ranges SmoothQuant and static activation scales read from a calibration file.
 
-Private stand-in: the calibration package of the methods issue provides the shared `load_calibration(path)`; at merge
-this module is replaced by it. Only the keys used here are read: `<layer>.input_absmax` [K] and `<layer>.input_scale`.
+A view over the shared reader (`quant_core.calib.CalibrationFile`, which validates header, keys, shapes and values):
+only `<layer>.input_absmax` and `<layer>.input_scale` are read, never a layer's [K,K] Hessian.
 """
 from __future__ import annotations
 
 import torch
 
-from ..errors import QuantError
-from ..io.reader import SafetensorsReader
-
-FORMAT_TAG = "quant_calibration"
+from ..calib.file import CalibrationFile
+from ..calib.stats import InputStats
 
 
 class CalibrationStats:
     """Per-layer activation statistics; a layer or key that is absent gives None (callers fall back and say so)."""
 
-    def __init__(self, path: str, tensors: dict[str, torch.Tensor]):
+    def __init__(self, path: str, layers: dict[str, InputStats]):
         self.path = path
-        self._tensors = tensors
+        self._layers = layers
 
     def input_absmax(self, layer: str) -> torch.Tensor | None:
         """max |x_k| over the calibration tokens, fp32 [K]."""
-        return self._tensors.get(f"{layer}.input_absmax")
+        stats = self._layers.get(layer)
+        return None if stats is None else stats.absmax
 
     def input_scale(self, layer: str) -> torch.Tensor | None:
         """The stored static activation scale, fp32 scalar."""
-        return self._tensors.get(f"{layer}.input_scale")
+        stats = self._layers.get(layer)
+        return None if stats is None or stats.input_scale is None else stats.input_scale.reshape(())
 
 
 def read_calibration(path: str) -> CalibrationStats:
-    """Read and check a calibration file. Raises QuantError (one line) if it is not one."""
-    with SafetensorsReader(path) as reader:
-        tag = reader.metadata().get("format")
-        if tag != FORMAT_TAG:
-            raise QuantError(f"{path}: not a calibration statistics file (header format is {tag!r}, expected "
-                             f"{FORMAT_TAG!r}; see FORMATS.md §4)")
-        tensors = {}
-        for key in reader.keys():
-            if key.endswith((".input_absmax", ".input_scale")):
-                tensors[key] = _checked(path, key, reader.get_tensor(key))
-    return CalibrationStats(path, tensors)
-
-
-def _checked(path: str, key: str, tensor: torch.Tensor) -> torch.Tensor:
-    want_vector = key.endswith(".input_absmax")
-    if not tensor.is_floating_point() or (tensor.dim() != 1 if want_vector else tensor.numel() != 1):
-        raise QuantError(f"{path}: {key} must be a floating-point {'[K] vector' if want_vector else 'scalar'}, "
-                         f"got {tensor.dtype} {list(tensor.shape)}")
-    tensor = tensor.float()
-    if not bool(torch.isfinite(tensor).all()) or bool((tensor < 0).any()):
-        raise QuantError(f"{path}: {key} has negative, NaN or Inf values")
-    return tensor if want_vector else tensor.reshape(())
+    """Read the activation ranges of every layer. Raises QuantError (one line) for a bad file."""
+    reader = CalibrationFile(path)
+    try:
+        return CalibrationStats(path, {layer: reader.get(layer, only=("input_scale",)) for layer in reader.layers})
+    finally:
+        reader.close()
