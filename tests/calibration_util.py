@@ -1,8 +1,10 @@
-"""Test helpers: write a calibration statistics file (FORMATS.md §4) and record real input absmax with hooks."""
+"""Test helpers: write a calibration statistics file (FORMATS.md §4) with given input absmax; record real ones."""
 from __future__ import annotations
 
 import torch
 from safetensors.torch import save_file
+
+from quant_core.calib import record_activation_stats
 
 
 def write_calibration(path: str, absmax: dict[str, torch.Tensor], input_scale: dict | None = None,
@@ -16,18 +18,5 @@ def write_calibration(path: str, absmax: dict[str, torch.Tensor], input_scale: d
 
 def record_absmax(model: torch.nn.Module, run, prefix: str = "") -> dict[str, torch.Tensor]:
     """max |x_k| of every nn.Linear's input while `run()` executes; names as in the state dict (with `prefix`)."""
-    absmax: dict[str, torch.Tensor] = {}
-    hooks = []
-    for name, module in model.named_modules():
-        if isinstance(module, torch.nn.Linear):
-            def hook(mod, args, out, name=prefix + name):
-                x = args[0].detach().reshape(-1, args[0].shape[-1]).abs().amax(dim=0)
-                absmax[name] = torch.maximum(absmax[name], x) if name in absmax else x
-            hooks.append(module.register_forward_hook(hook))
-    try:
-        with torch.no_grad():
-            run()
-    finally:
-        for h in hooks:
-            h.remove()
-    return absmax
+    recorded = record_activation_stats(model, run, hessian=False, prefix=prefix)
+    return {name: stats.absmax for name, stats in recorded.items()}
