@@ -333,7 +333,11 @@ def print_result(result, options: QuantOptions) -> None:
     else:
         print(f"  {len(quantized)} layers quantized ({', '.join(f'{n}× {f}' for f, n in mix.items())}), "
               f"{len(plan.of('keep'))} tensors kept, {len(plan.of('remove'))} removed")
-    print(f"  {result.input_bytes / 1e6:.1f} MB -> {result.output_bytes / 1e6:.1f} MB in {result.seconds:.1f} s")
+    rate = result.input_bytes / result.seconds / 1e9 if result.seconds else 0.0
+    print(f"  {result.input_bytes / 1e6:.1f} MB -> {result.output_bytes / 1e6:.1f} MB in {result.seconds:.1f} s "
+          f"({rate:.2f} GB/s of input)")
+    if result.peak_gpu_bytes is not None:
+        print(f"  peak GPU memory {result.peak_gpu_bytes / 2 ** 30:.2f} GiB (allocated by torch)")
     for d in plan.fallbacks():
         print(f"  fallback: {d.layer}: {d.reason}")
     for note in result.notes:

@@ -39,6 +39,7 @@ class ConvertResult:
     notes: list[str] = field(default_factory=list)  # what happened while streaming (data-dependent keeps, cleanup)
     verify: object = None
     lora: object = None  # MergeReport when LoRAs were merged
+    peak_gpu_bytes: int | None = None  # torch's peak allocation on the CUDA device, None when it ran on the CPU
 
 
 def default_output_name(input_path: str, options: QuantOptions) -> str:
@@ -71,6 +72,10 @@ def convert(input_path: str, output_path: str | None, options: QuantOptions,
     (0, total) before the first; it may raise to stop the conversion (ComfyUI's interrupt), which leaves no file."""
     options.validate()
     start = time.perf_counter()
+    device = pick_device(options)
+    on_cuda = device.type == "cuda" and torch.cuda.is_available()
+    if on_cuda:
+        torch.cuda.reset_peak_memory_stats(device)
     with SafetensorsReader(input_path, low_memory=True) as reader:
         _refuse_quantized_input(reader, input_path)
         plan = build_plan(reader.infos(), options)
@@ -88,8 +93,12 @@ def convert(input_path: str, output_path: str | None, options: QuantOptions,
     result.seconds = time.perf_counter() - start
     result.input_bytes = os.path.getsize(input_path)
     result.output_bytes = os.path.getsize(result.output)
+    if on_cuda:
+        result.peak_gpu_bytes = torch.cuda.max_memory_allocated(device)
     if options.report_path:
         result.report.write_json(options.report_path, {"output": result.output, "method": options.method,
+                                                       "seconds": result.seconds, "device": str(device),
+                                                       "peak_gpu_bytes": result.peak_gpu_bytes,
                                                        "notes": result.notes, "kept": {
                                                            d.key: d.reason for d in plan.of(KEEP) if d.reason}})
     return result
@@ -290,7 +299,7 @@ def _stream(reader: SafetensorsReader, plan: Plan, output_path: str, options: Qu
         done = 0
         if on_layer is not None:
             on_layer(0, len(ticks))
-        for key, tensor in reader.iter_tensors(keys, prefetch_bytes=ahead, threaded=device.type == "cuda"):
+        for key, tensor in _tensors(reader, keys, plan, layer_run, ahead):
             decision = plan.decisions[key]
             if transform is not None:
                 tensor = transform(key, tensor)
@@ -317,6 +326,16 @@ def _stream(reader: SafetensorsReader, plan: Plan, output_path: str, options: Qu
     report = QualityReport(stats, options.quality_threshold)
     return ConvertResult(output_path, plan, report, 0.0, 0, 0, notes, verification,
                          merger.report if merger is not None else None)
+
+
+def _tensors(reader: SafetensorsReader, keys: list[str], plan: Plan, run: "LayerRun", ahead: int):
+    """The tensors in stream order. On CUDA (with read-ahead), the weights quantized there arrive as device tensors
+    through pinned buffers, copied while the previous layer computes; everything else is read into host memory."""
+    if run.device.type != "cuda" or ahead <= 0 or not torch.cuda.is_available():
+        return reader.iter_tensors(keys, prefetch_bytes=ahead)
+    from .io.device_feed import DeviceFeed
+    on_device = {d.key for d in plan.of(QUANTIZE) if run.device_for(reader.info(d.key).numel).type == "cuda"}
+    return DeviceFeed(reader, run.device, ahead_bytes=ahead).iter_tensors(keys, on_device)
 
 
 @dataclass

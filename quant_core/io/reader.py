@@ -223,17 +223,18 @@ class SafetensorsReader:
         for i, key in enumerate(keys):
             while prefetch_bytes > 0 and advised < len(keys) and (advised <= i or ahead < prefetch_bytes):
                 info = self.info(keys[advised])
-                _will_need(self._file, info.start, info.nbytes)
+                _will_need(self._file.fileno(), info.start, info.nbytes)
                 ahead += info.nbytes
                 advised += 1
             yield key, self.get_tensor(key)
             ahead -= self.info(key).nbytes
 
 
-def _will_need(file, offset: int, length: int) -> None:
-    if length and hasattr(os, "posix_fadvise"):
+def _will_need(fd: int, offset: int, length: int) -> None:
+    """Ask the kernel to start reading [offset, offset + length) of the file into the page cache (no CPU used)."""
+    if length > 0 and hasattr(os, "posix_fadvise"):
         try:
-            os.posix_fadvise(file.fileno(), offset, length, os.POSIX_FADV_WILLNEED)
+            os.posix_fadvise(fd, offset, length, os.POSIX_FADV_WILLNEED)
         except OSError:
             pass
 

@@ -80,36 +80,70 @@ def _tensor_bytes(tensor: torch.Tensor):
     return flat.view(torch.uint8).numpy() if flat.numel() else b""
 
 
+SYNC_EVERY_BYTES = 256 << 20  # background writes: start flushing to disk every this many bytes
+
+
 class _BackgroundWrites:
     """Appends byte buffers to a file on a thread, so disk writes overlap the caller's quantization. At most
-    `max_pending` bytes wait in memory; an error is re-raised in the caller at its next call."""
+    `max_pending` bytes wait in memory; an error is re-raised in the caller at its next call.
+
+    Every SYNC_EVERY_BYTES a second thread flushes what was written so far (fdatasync), so the disk writes all
+    through the conversion instead of holding gigabytes of dirty page cache for the final fsync."""
 
     def __init__(self, file, max_pending: int):
         self._file, self._max = file, max_pending
         self._queue: queue.Queue = queue.Queue()
         self._pending, self._error = 0, None
         self._room = threading.Condition()
+        self._unsynced = 0
+        self._sync_wanted = threading.Event()
+        self._closing = False
         self._thread = threading.Thread(target=self._drain, name="safetensors-writer", daemon=True)
+        self._flusher = threading.Thread(target=self._flush_loop, name="safetensors-flusher", daemon=True)
         self._thread.start()
+        self._flusher.start()
 
     def _drain(self):
         while (item := self._queue.get()) is not None:
-            data, size = item
+            data, size, before, after = item
             try:
                 if self._error is None:
+                    if before is not None:
+                        before()
                     self._file.write(data)
+                    self._unsynced += size
+                    if self._unsynced >= SYNC_EVERY_BYTES:
+                        self._unsynced = 0
+                        self._sync_wanted.set()
             except BaseException as e:  # handed to the caller
                 self._error = e
+            finally:
+                if after is not None:
+                    after()
             with self._room:
                 self._pending -= size
                 self._room.notify_all()
 
-    def write(self, data, size: int) -> None:
+    def _flush_loop(self):
+        sync = getattr(os, "fdatasync", os.fsync)
+        while True:
+            self._sync_wanted.wait()
+            self._sync_wanted.clear()
+            if self._closing:
+                return
+            try:
+                sync(self._file.fileno())
+            except OSError as e:  # a failing disk: report it, as the final fsync would
+                self._error = self._error or e
+
+    def write(self, data, size: int, before=None, after=None) -> None:
+        """Queue `data` (`size` bytes); `before()` runs on the writer thread just before it is written (e.g. wait
+        for the device copy that fills it), `after()` once it is written or dropped (e.g. hand its buffer back)."""
         self.raise_error()
         with self._room:
             self._room.wait_for(lambda: self._pending == 0 or self._pending + size <= self._max)
             self._pending += size
-        self._queue.put((data, size))
+        self._queue.put((data, size, before, after))
 
     def flush(self) -> None:
         with self._room:
@@ -119,6 +153,9 @@ class _BackgroundWrites:
     def close(self) -> None:
         self._queue.put(None)
         self._thread.join()
+        self._closing = True
+        self._sync_wanted.set()
+        self._flusher.join()
 
     def raise_error(self) -> None:
         if self._error is not None:
@@ -163,6 +200,7 @@ class StreamingWriter:
         self._pos = 0  # bytes of tensor data written so far
         self._finished = self._published = False
         self._file = self._background = None
+        self._ring = self._copy_stream = None  # pinned buffers and a stream for CUDA tensors, made on first use
         try:  # __exit__ never runs for an exception in here (e.g. Ctrl-C right after the temp file is created)
             self._file = open(self.temp, "w+b")
             self._file.seek(reserve)
@@ -188,22 +226,48 @@ class StreamingWriter:
         return False
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
-        """Append one tensor (any device; moved to CPU)."""
+        """Append one tensor (any device). With background writes, a CUDA tensor is copied into pinned buffers
+        on a copy stream and written from there without blocking the caller; otherwise it is moved to the CPU."""
         if name in self._names:
             raise ValueError(f"tensor {name!r} written twice")
         self._names.add(name)
-        tensor = tensor.detach().cpu()
         nbytes = tensor.numel() * tensor.element_size()
         if nbytes % ALIGN and nbytes <= DEFER_MAX_BYTES:
-            self._deferred.append((name, tensor))
+            self._deferred.append((name, tensor.detach().cpu()))
             return
-        self._write(name, tensor, nbytes)
+        if tensor.is_cuda and self._background is not None:
+            self._write_from_device(name, tensor, nbytes)
+            return
+        self._write(name, tensor.detach().cpu(), nbytes)
+
+    def _write_from_device(self, name: str, tensor: torch.Tensor, nbytes: int) -> None:
+        from .device_feed import PinnedRing, SLOT_BYTES, SLOTS
+        if self._ring is None or self._ring.device != tensor.device:
+            self._ring = PinnedRing(SLOTS, SLOT_BYTES, tensor.device)
+            self._copy_stream = torch.cuda.Stream(tensor.device)
+        flat = tensor.detach().contiguous().reshape(-1).view(torch.uint8)
+        stream = self._copy_stream
+        stream.wait_stream(torch.cuda.current_stream(tensor.device))  # the tensor is computed on the caller's stream
+        flat.record_stream(stream)  # its memory is not reused before the copy below has read it
+        ring = self._ring
+        for offset in range(0, nbytes, ring.size):
+            n = min(ring.size, nbytes - offset)
+            buffer, event = ring.take()
+            with torch.cuda.stream(stream):
+                buffer[:n].copy_(flat[offset:offset + n], non_blocking=True)
+                event.record(stream)
+            self._background.write(buffer[:n].numpy(), n, before=event.synchronize,
+                                   after=lambda b=buffer, e=event: ring.give(b, e))
+        self._record(name, tensor, nbytes)
 
     def _write(self, name: str, tensor: torch.Tensor, nbytes: int) -> None:
         if self._background is not None:
             self._background.write(_tensor_bytes(tensor), nbytes)  # the numpy view keeps the tensor alive
         else:
             self._file.write(_tensor_bytes(tensor))
+        self._record(name, tensor, nbytes)
+
+    def _record(self, name: str, tensor: torch.Tensor, nbytes: int) -> None:
         self._entries[name] = {"dtype": tag_of(tensor.dtype), "shape": list(tensor.shape),
                                "data_offsets": [self._pos, self._pos + nbytes]}
         self._pos += nbytes

@@ -167,7 +167,7 @@ class LoraMerger:
         weight = tensor.float()
         total = torch.zeros_like(weight)
         for module in modules:
-            delta = module.delta()
+            delta = module.delta().to(weight.device)
             target = module.target
             if target.swap_halves:
                 half = delta.shape[0] // 2
