@@ -1,6 +1,6 @@
 """`python -m quant_core` / `convert_to_quant`: the headless converter, with the seed tool's flag names.
 
-Subcommands: `verify OUT [--reference SRC]`, `calibrate -i MODEL -o CALIB`, `demo`. Anything else is a conversion (`-i model.safetensors …`).
+Subcommands: `verify OUT [--reference SRC]`, `calibrate -i MODEL -o CALIB`, `bench`, `demo`. Anything else is a conversion (`-i model.safetensors …`).
 """
 from __future__ import annotations
 
@@ -74,7 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Quantize a safetensors checkpoint into a file stock ComfyUI (v0.27+) loads. Default: INT8 with "
                     "per-row scales (int8_tensorwise, [N,1] scales), round-to-nearest, verified after writing.",
         epilog="Subcommands: `verify OUT.safetensors [--reference SRC]`, `calibrate -i MODEL -o CALIB.safetensors` "
-               "(= calibrate_activation_scales), `demo`. Flags of later capabilities (GPTQ/QuIP streaming and bf16 "
+               "(= calibrate_activation_scales), `bench` (speed next to ctq), `demo`. Flags of later capabilities (GPTQ/QuIP streaming and bf16 "
                "thresholds, --actcal) are listed but refused for now.")
     parser.add_argument("--version", action="version", version=f"quant_core {__version__}")
     req = parser.add_argument_group("Required Arguments")
@@ -397,6 +397,9 @@ def main(argv: list[str] | None = None) -> int:
         if argv[:1] == ["calibrate"]:
             from .calib.cli import run_calibrate
             return run_calibrate(argv[1:])
+        if argv[:1] == ["bench"]:
+            from .bench import main as run_bench
+            return run_bench(argv[1:])
         if argv[:1] == ["demo"]:
             from .demo import run_demo
             return run_demo(argv[1:])

@@ -21,7 +21,15 @@ from .io.writer import StreamingWriter, header_reserve
 from .methods import get_method
 from .options import STREAMING_THRESHOLDS, QuantOptions
 from .report import LayerStats, QualityReport, layer_stats
-from .select.plan import KEEP, QUANTIZE, REMOVE, Decision, Plan, build_plan, require_work
+from .select.plan import (
+    KEEP,
+    QUANTIZE,
+    REMOVE,
+    Decision,
+    Plan,
+    build_plan,
+    require_work,
+)
 
 QUANT_METADATA_KEY = "_quantization_metadata"
 FP16_MAX = 65504.0

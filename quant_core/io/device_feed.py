@@ -50,9 +50,9 @@ class DeviceFeed:
     At most `ahead_bytes` of device tensors are read ahead of the caller (plus the one it holds)."""
 
     def __init__(self, reader: SafetensorsReader, device: torch.device, ahead_bytes: int = 512 << 20,
-                 slot_bytes: int = SLOT_BYTES, slots: int = SLOTS):
+                 slot_bytes: int | None = None, slots: int | None = None):
         self.reader, self.device, self.ahead = reader, device, max(ahead_bytes, 1)
-        self.slot_bytes, self.slots = slot_bytes, slots
+        self.slot_bytes, self.slots = slot_bytes or SLOT_BYTES, slots or SLOTS
 
     def iter_tensors(self, keys: Iterable[str], to_device: set[str]) -> Iterator[tuple[str, torch.Tensor]]:
         keys = list(keys)
@@ -81,12 +81,13 @@ class DeviceFeed:
                     if key not in to_device:
                         ready.put((key, self.reader.get_tensor(key), None, 0))
                         continue
+                    size = info.nbytes
                     with room:
-                        room.wait_for(lambda: state["stop"] or state["inflight"] == 0
-                                      or state["inflight"] + info.nbytes <= self.ahead)
+                        room.wait_for(lambda: state["stop"] or state["inflight"] == 0  # noqa: B023 (called here)
+                                      or state["inflight"] + size <= self.ahead)  # noqa: B023
                         if state["stop"]:
                             return
-                        state["inflight"] += info.nbytes
+                        state["inflight"] += size
                     tensor, done = self._load(fd, info, ring, stream)
                     ready.put((key, tensor, done, info.nbytes))
             except BaseException as e:  # handed to the consumer, which re-raises it
