@@ -51,6 +51,8 @@ class DeviceFeed:
 
     def __init__(self, reader: SafetensorsReader, device: torch.device, ahead_bytes: int = 512 << 20,
                  slot_bytes: int | None = None, slots: int | None = None):
+        if device.index is None:  # torch.cuda.set_device and the streams need the index
+            device = torch.device(device.type, torch.cuda.current_device())
         self.reader, self.device, self.ahead = reader, device, max(ahead_bytes, 1)
         self.slot_bytes, self.slots = slot_bytes or SLOT_BYTES, slots or SLOTS
 
