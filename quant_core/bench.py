@@ -18,6 +18,7 @@ import json
 import math
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -41,6 +42,8 @@ IO_LAYERS = {"img_in": (HIDDEN, 64), "txt_in": (HIDDEN, 4096), "time_in.in_layer
              "guidance_in.out_layer": (HIDDEN, HIDDEN), "final_layer.linear": (64, HIDDEN),
              "final_layer.adaLN_modulation.1": (2 * HIDDEN, HIDDEN)}
 FLUX_DEV_BLOCKS = (19, 38)
+FORMATS = ("int8", "fp8")  # those both tools write (ctq: --int8 --scaling_mode row; fp8 per tensor)
+METHOD_FLAGS = ("rtn", "gptq", "quip", "original", "adamw", "radam")
 
 
 def flux_layers(double: int, single: int) -> tuple[dict[str, tuple[int, int]], list[str]]:
@@ -299,7 +302,8 @@ def plan_runs(source: str, workdir: str, ctq: str | None, formats: list[str], me
                                                                               out(f"ctq_{fmt}_lm")], out(f"ctq_{fmt}_lm")))
         for method in methods:
             if method != "rtn":
-                runs.append(Run("quant_core", fmt, f"{method} (synthetic H)", "warm",
+                label = f"{method} (synthetic H)" if method in ("gptq", "quip") else f"learned {method}"
+                runs.append(Run("quant_core", fmt, label, "warm",
                                 [*ours, "--optimizer", method, "--format", fmt, "-o", out(f"ours_{fmt}_{method}")],
                                 out(f"ours_{fmt}_{method}")))
     return runs
@@ -314,7 +318,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ctq", default=shutil.which("ctq"), help="the ctq command (default: from PATH; 'none' skips)")
     parser.add_argument("--workdir", help="where the files go (default: a temporary directory, removed after)")
     parser.add_argument("--formats", default="int8", help="comma list of int8, fp8")
-    parser.add_argument("--methods", default="rtn", help="comma list of rtn, gptq, quip (GPTQ/QuIP: synthetic Hessian)")
+    parser.add_argument("--methods", default="rtn", help="comma list of rtn, gptq, quip (synthetic Hessian) and the "
+                        "learned-rounding optimizers original, adamw, radam (slow on a full model)")
     parser.add_argument("--no-low-memory", action="store_true", help="skip the --low-memory run")
     parser.add_argument("--ctq-low-memory", action="store_true", help="also run ctq --low_memory")
     parser.add_argument("--no-cold", action="store_true", help="warm page cache only (no eviction, no dd floor)")
@@ -323,11 +328,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--keep", action="store_true", help="keep the checkpoint and outputs")
     parser.add_argument("--log", help="write every child's output to this file")
     args = parser.parse_args(argv)
+    for name, given, known in (("--formats", args.formats, FORMATS), ("--methods", args.methods, METHOD_FLAGS)):
+        unknown = sorted(set(given.split(",")) - set(known))
+        if unknown:
+            parser.error(f"{name}: unknown {', '.join(unknown)} (choose from {', '.join(known)})")
     ctq = None if args.ctq in (None, "none") else args.ctq
     if args.size_gb is not None:
         double, single = blocks_for_size(args.size_gb)
     else:
-        double, single = (int(x) for x in (args.blocks or "19,38").split(","))
+        double, single = (int(x) for x in args.blocks.split(",")) if args.blocks else FLUX_DEV_BLOCKS
     workdir = args.workdir or tempfile.mkdtemp(prefix="quant_bench_")
     os.makedirs(workdir, exist_ok=True)
     source = os.path.join(workdir, f"flux_synthetic_{double}_{single}.safetensors")
@@ -370,26 +379,41 @@ def _bench(args, ctq, double, single, workdir, source, log) -> int:
     sample = [names[round(i * (len(names) - 1) / max(args.quality_layers - 1, 1))]
               for i in range(args.quality_layers)] if args.quality_layers > 0 else []
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    for run in runs:
-        if run.cache == "cold":
-            drop_from_page_cache(source)
-        elif run.cache == "warm":
-            _warm(source)
-        env_note = f"{run.tool} {run.fmt} {run.method} {run.cache}"
-        print(f"running {env_note} ...", flush=True)
-        run_child(run, root, log)
-        if not run.error and sample:
-            run.sqnr = sampled_sqnr(run.output, source, sample)
-        if os.path.exists(run.output) and not args.keep:
-            os.unlink(run.output)
-        print(f"  {run.seconds:.1f} s, peak RSS {run.rss_gb:.2f} GB, peak GPU {run.gpu_gb:.2f} GiB, "
-              f"mean SQNR {run.sqnr:.2f} dB {run.error}", flush=True)
+    previous = signal.signal(signal.SIGTERM, _interrupt)  # `timeout` sends SIGTERM: still print what finished
+    try:
+        for run in runs:
+            _measure(run, source, root, sample, args.keep, log)
+    except KeyboardInterrupt:
+        for run in runs:
+            if math.isnan(run.seconds):
+                run.error = run.error or "not run (benchmark interrupted)"
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     print()
     print(table(runs, size))
     print()
     for line in ratios(runs, floor, size, largest):
         print(line)
     return 0 if not any(r.error for r in runs if r.tool == "quant_core") else 1
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def _measure(run: Run, source: str, root: str, sample: list[str], keep: bool, log) -> None:
+    if run.cache == "cold":
+        drop_from_page_cache(source)
+    elif run.cache == "warm":
+        _warm(source)
+    print(f"running {run.tool} {run.fmt} {run.method} {run.cache} ...", flush=True)
+    run_child(run, root, log)
+    if not run.error and sample:
+        run.sqnr = sampled_sqnr(run.output, source, sample)
+    if os.path.exists(run.output) and not keep:
+        os.unlink(run.output)
+    print(f"  {run.seconds:.1f} s, peak RSS {run.rss_gb:.2f} GB, peak GPU {run.gpu_gb:.2f} GiB, "
+          f"mean SQNR {run.sqnr:.2f} dB {run.error}", flush=True)
 
 
 def _warm(path: str) -> None:
