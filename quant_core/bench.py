@@ -103,6 +103,8 @@ def drop_from_page_cache(path: str) -> str:
         return "drop_caches"
     except OSError:
         pass
+    if not hasattr(os, "posix_fadvise"):
+        return "nothing (no drop_caches or posix_fadvise here: the cold runs are not cold)"
     fd = os.open(path, os.O_RDONLY)
     try:
         os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
@@ -224,9 +226,12 @@ class Run:
 # peak RSS (KiB) of that grandchild and its descendants, measured by wait4, on its last line.
 LAUNCHER = ("import os, subprocess, sys\n"
             "p = subprocess.Popen(sys.argv[1:])\n"
+            "if not hasattr(os, 'wait4'):\n"  # no rusage here (Windows): no RSS column
+            "    sys.exit(p.wait())\n"
             "_, status, usage = os.wait4(p.pid, 0)\n"
             "sys.stdout.flush()\n"
-            "print(f'\\nMAXRSS_KIB {usage.ru_maxrss}')\n"
+            "kib = usage.ru_maxrss // (1024 if sys.platform == 'darwin' else 1)\n"  # macOS: bytes
+            "print(f'\\nMAXRSS_KIB {kib}')\n"
             "sys.exit(os.waitstatus_to_exitcode(status))\n")
 
 

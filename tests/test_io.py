@@ -262,3 +262,16 @@ def test_start_up_read_ahead_names_the_input_before_torch_loads(tmp_path, monkey
     read_ahead_input(["-i", str(tmp_path / "missing.safetensors")])  # the CLI reports it; nothing happens here
     read_ahead_input(["verify", "x.safetensors"])
     assert advised == [(str(path), 0, EARLY_READ_AHEAD_BYTES, os.POSIX_FADV_WILLNEED)] * 2
+
+
+def test_device_feed_chunk_reads_are_exact_and_refuse_truncation(tmp_path):
+    """The CUDA feed's reads (its pinned-buffer filling, runnable without a GPU)."""
+    from quant_core.io.device_feed import _read_exact
+    path = tmp_path / "blob"
+    path.write_bytes(bytes(range(256)) * 4)
+    buffer = torch.zeros(100, dtype=torch.uint8)
+    with open(path, "rb", buffering=0) as f:
+        _read_exact(f, buffer, 250, str(path), "t")
+        assert bytes(buffer.numpy()) == (bytes(range(256)) * 2)[250:350]
+        with pytest.raises(QuantError, match="truncated while reading tensor 't'"):
+            _read_exact(f, buffer, 1000, str(path), "t")

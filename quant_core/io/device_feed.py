@@ -1,14 +1,12 @@
 """Tensors from disk straight onto a CUDA device, overlapping disk reads, host→device copies and the caller's work.
 
-A reader thread reads each tensor in chunks into a small ring of pinned (page-locked) host buffers with `preadv`
-and copies every chunk to the device on its own CUDA stream; the caller gets the device tensor once its copies are
+A reader thread reads each tensor in chunks into a small ring of pinned (page-locked) host buffers and copies every chunk to the device on its own CUDA stream; the caller gets the device tensor once its copies are
 done (a stream wait, not a host sync). Pinned copies run at ~50 GB/s against ~5 GB/s from pageable memory, and the
 ring bounds host memory at `slots × slot_bytes` whatever the tensor size. Tensors the caller keeps on the CPU
 (biases, norms, layers left unquantized) are read into ordinary memory on the same thread, in file order.
 """
 from __future__ import annotations
 
-import os
 import queue
 import threading
 from collections.abc import Iterable, Iterator
@@ -61,7 +59,8 @@ class DeviceFeed:
         ready: queue.Queue = queue.Queue()
         room = threading.Condition()
         state = {"inflight": 0, "stop": False}
-        fd = os.open(self.reader.path, os.O_RDONLY)
+        file = open(self.reader.path, "rb", buffering=0)  # this thread's own handle: no shared file position
+        fd = file.fileno()
 
         def produce():
             try:
@@ -90,7 +89,7 @@ class DeviceFeed:
                         if state["stop"]:
                             return
                         state["inflight"] += size
-                    tensor, done = self._load(fd, info, ring, stream)
+                    tensor, done = self._load(file, info, ring, stream)
                     ready.put((key, tensor, done, info.nbytes))
             except BaseException as e:  # handed to the consumer, which re-raises it
                 ready.put(e)
@@ -123,9 +122,9 @@ class DeviceFeed:
                 except queue.Empty:
                     pass
             thread.join()
-            os.close(fd)
+            file.close()
 
-    def _load(self, fd: int, info, ring: PinnedRing, stream) -> tuple[torch.Tensor, torch.cuda.Event]:
+    def _load(self, file, info, ring: PinnedRing, stream) -> tuple[torch.Tensor, torch.cuda.Event]:
         dtype = torch_dtype(info.dtype)
         with torch.cuda.stream(stream):
             flat = torch.empty(info.nbytes, dtype=torch.uint8, device=self.device)
@@ -133,7 +132,7 @@ class DeviceFeed:
             while offset < info.nbytes:
                 n = min(ring.size, info.nbytes - offset)
                 buffer, event = ring.take()
-                _pread_exact(fd, buffer[:n], info.start + offset, self.reader.path, info.name)
+                _read_exact(file, buffer[:n], info.start + offset, self.reader.path, info.name)
                 flat[offset:offset + n].copy_(buffer[:n], non_blocking=True)
                 event.record(stream)
                 ring.give(buffer, event)
@@ -143,11 +142,12 @@ class DeviceFeed:
         return flat.view(dtype).reshape(info.shape), done
 
 
-def _pread_exact(fd: int, buffer: torch.Tensor, offset: int, path: str, name: str) -> None:
+def _read_exact(file, buffer: torch.Tensor, offset: int, path: str, name: str) -> None:
     view = memoryview(buffer.numpy())
+    file.seek(offset)
     got = 0
     while got < len(view):
-        n = os.preadv(fd, [view[got:]], offset + got)
+        n = file.readinto(view[got:])
         if not n:
             raise QuantError(f"{path}: truncated while reading tensor {name!r}")
         got += n
