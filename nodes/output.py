@@ -134,6 +134,7 @@ def conversion_report(result, display: str, plan: QuantRecipe) -> dict:
     return {
         "kind": "save", "file": display, "path": result.output, "steps": plan.describe(),
         "size_before": result.input_bytes, "size_after": result.output_bytes, "seconds": round(result.seconds, 2),
+        "peak_gpu_bytes": result.peak_gpu_bytes,  # None: it ran on the CPU
         "formats": dict(Counter(s.format for s in layers)),
         "kept": sum(1 for d in result.plan.of(KEEP) if d.key.endswith(".weight")),
         "threshold_db": result.report.threshold_db, "mean_sqnr_db": _finite(result.report.mean_sqnr()),

@@ -54,6 +54,7 @@ def test_editor_workflow_renders_the_quality_chart(tmp_path):
     by_kind = {c["kind"]: c for c in charts}
     save_chart = by_kind["save"]
     assert save_chart["ok"] == "true" and "verify OK" in save_chart["text"] and "worst layers" in save_chart["text"]
+    assert f"{report['seconds']:.1f} s on the CPU" in save_chart["text"]
     assert [name for name, _ in save_chart["bars"]] == [l["name"] for l in report["layers"]]  # model order
     assert [db for _, db in save_chart["bars"]] == pytest.approx([l["sqnr_db"] for l in report["layers"]])
     assert len(save_chart["bars"]) == 26 and by_kind["verify"]["ok"] == "true" and len(by_kind["verify"]["bars"]) == 26

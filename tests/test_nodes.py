@@ -191,6 +191,7 @@ def test_chain_with_lora_saves_a_verified_file_with_report(pack, comfy_dirs):
     report = out.ui["quant_report"][0]
     assert report["verify"]["ok"] is True and report["kind"] == "save"
     assert report["size_after"] < report["size_before"] * 0.6
+    assert report["seconds"] > 0 and report["peak_gpu_bytes"] is None  # the CPU here
     assert len(report["layers"]) == 26 and all(isinstance(l["sqnr_db"], float) for l in report["layers"])
     assert "LoRA: 1 modules merged" in report["lora"] and "merge LoRA: loras/tiny_lora.safetensors" in report["steps"]
     import quant_core

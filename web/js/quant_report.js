@@ -57,6 +57,10 @@ function summaryLines(report) {
   } else if (report.size_after) {
     lines.push(`size ${gib(report.size_after)}`);
   }
+  if (report.seconds) {
+    const where = report.peak_gpu_bytes ? `on the GPU, peak ${gib(report.peak_gpu_bytes)} allocated` : "on the CPU";
+    lines.push(`${Number(report.seconds).toFixed(1)} s ${where}`);
+  }
   const mix = Object.entries(report.formats || {}).map(([f, n]) => `${n} × ${f}`).join(", ");
   lines.push(`formats: ${mix || "none"}${report.kept ? `; ${report.kept} kept in high precision` : ""}`);
   if (report.summary) lines.push(report.summary);
