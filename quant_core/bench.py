@@ -255,15 +255,9 @@ def run_child(run: Run, cwd: str, log) -> None:
 
 def sampled_sqnr(output: str, source: str, layers: list[str]) -> float:
     """Mean weight SQNR (dB) over `layers`, each rebuilt from `output` through comfy-kitchen (or the legacy rules)."""
-    from .formats import UPSTREAM_NAMES
     from .io.reader import SafetensorsReader
     from .report import safe_norm
-    from .verify import (
-        MARKER,
-        SCALE_SUFFIXES,
-        _legacy_dequantize,
-        dequantize_with_comfy_kitchen,
-    )
+    from .verify import MARKER, rebuild_layer
     values = []
     with SafetensorsReader(output) as out, SafetensorsReader(source) as src:
         keys = set(out.keys())
@@ -271,10 +265,8 @@ def sampled_sqnr(output: str, source: str, layers: list[str]) -> float:
             if f"{layer}{MARKER}" not in keys:
                 continue
             conf = json.loads(out.get_tensor(f"{layer}{MARKER}").numpy().tobytes())
-            tensors = {s: out.get_tensor(f"{layer}.{s}") for s in ("weight",) + SCALE_SUFFIXES if f"{layer}.{s}" in keys}
             reference = src.get_tensor(f"{layer}.weight").float()
-            rebuild = dequantize_with_comfy_kitchen if conf["format"] in UPSTREAM_NAMES else _legacy_dequantize
-            rebuilt = rebuild(conf["format"], tensors, conf, tuple(reference.shape)).float()
+            rebuilt = rebuild_layer(out, keys, layer, conf, tuple(reference.shape)).float()
             rel = safe_norm(rebuilt - reference) / safe_norm(reference)
             values.append(-20 * math.log10(rel) if rel > 0 else math.inf)
     return sum(values) / len(values) if values else float("nan")

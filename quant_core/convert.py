@@ -21,15 +21,7 @@ from .io.writer import StreamingWriter, header_reserve
 from .methods import get_method
 from .options import STREAMING_THRESHOLDS, QuantOptions
 from .report import LayerStats, QualityReport, layer_stats
-from .select.plan import (
-    KEEP,
-    QUANTIZE,
-    REMOVE,
-    Decision,
-    Plan,
-    build_plan,
-    require_work,
-)
+from .select.plan import KEEP, QUANTIZE, REMOVE, Decision, Plan, build_plan, require_work
 
 QUANT_METADATA_KEY = "_quantization_metadata"
 FP16_MAX = 65504.0
@@ -95,7 +87,7 @@ def convert(input_path: str, output_path: str | None, options: QuantOptions,
         calibration = _calibration(reader, plan, options)
         extras = _calibration_extras(reader, plan, options, merger)
         try:
-            result = _stream(reader, plan, output_path, options, merger, calibration, extras, on_layer)
+            result = _stream(reader, plan, output_path, options, device, merger, calibration, extras, on_layer)
         finally:
             calibration.close()
     result.seconds = time.perf_counter() - start
@@ -277,12 +269,11 @@ def _planned_entries(reader: SafetensorsReader, plan: Plan, input_scales: dict):
             yield f"{d.layer}.input_scale", "F32", ()
 
 
-def _stream(reader: SafetensorsReader, plan: Plan, output_path: str, options: QuantOptions,
+def _stream(reader: SafetensorsReader, plan: Plan, output_path: str, options: QuantOptions, device: torch.device,
             merger=None, calibration: LayerCalibration | None = None, extras: CalibrationExtras | None = None,
             on_layer=None) -> ConvertResult:
     extras = extras or CalibrationExtras()
     calibration = calibration or LayerCalibration(None, False, set())
-    device = pick_device(options)
     method = get_method(options.method, options.method_config())
     transform = _transform_chain(merger, extras)
     metadata = reader.metadata()

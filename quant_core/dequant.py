@@ -5,9 +5,8 @@ import json
 
 import torch
 
-from .formats import UPSTREAM_NAMES
 from .io.reader import SafetensorsReader
-from .verify import MARKER, SCALE_SUFFIXES, _legacy_dequantize, dequantize_with_comfy_kitchen
+from .verify import MARKER, SCALE_SUFFIXES, rebuild_layer
 
 
 def load_dequantized(path: str, shapes: dict[str, tuple[int, int]], dtype=torch.float32) -> dict[str, torch.Tensor]:
@@ -24,10 +23,7 @@ def load_dequantized(path: str, shapes: dict[str, tuple[int, int]], dtype=torch.
             layer = key[: -len(".weight")] if key.endswith(".weight") else None
             if layer in layers:
                 conf = json.loads(reader.get_tensor(f"{layer}{MARKER}").numpy().tobytes())
-                tensors = {s: reader.get_tensor(f"{layer}.{s}") for s in ("weight",) + SCALE_SUFFIXES
-                           if f"{layer}.{s}" in keys}
-                rebuild = dequantize_with_comfy_kitchen if conf["format"] in UPSTREAM_NAMES else _legacy_dequantize
-                out[key] = rebuild(conf["format"], tensors, conf, shapes[key]).to(dtype)
+                out[key] = rebuild_layer(reader, keys, layer, conf, shapes[key]).to(dtype)
             else:
                 tensor = reader.get_tensor(key)
                 out[key] = tensor.to(dtype) if tensor.is_floating_point() else tensor

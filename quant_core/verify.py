@@ -319,6 +319,14 @@ def dequantize_with_comfy_kitchen(name: str, tensors: dict[str, torch.Tensor], c
     raise ValueError(f"comfy-kitchen has no layout for {name!r}")
 
 
+def rebuild_layer(reader, keys: set[str], layer: str, conf: dict, shape) -> torch.Tensor:
+    """The fp32 [N, K] weight of a quantized layer stored in `reader` (whose key set is `keys`): through
+    comfy-kitchen for the formats upstream ComfyUI loads, by the legacy rules for the others."""
+    tensors = {s: reader.get_tensor(f"{layer}.{s}") for s in ("weight",) + SCALE_SUFFIXES if f"{layer}.{s}" in keys}
+    rebuild = dequantize_with_comfy_kitchen if conf["format"] in UPSTREAM_NAMES else _legacy_dequantize
+    return rebuild(conf["format"], tensors, conf, shape)
+
+
 def _legacy_dequantize(name: str, tensors: dict, conf: dict, shape) -> torch.Tensor:
     family, scaling = {"int8_blockwise": ("int8", "block"), "float8_e4m3fn_rowwise": ("fp8", "row"),
                        "float8_e4m3fn_blockwise": ("fp8", "block")}[name]

@@ -265,8 +265,8 @@ def test_start_up_read_ahead_names_the_input_before_torch_loads(tmp_path, monkey
 
 
 def test_device_feed_chunk_reads_are_exact_and_refuse_truncation(tmp_path):
-    """The CUDA feed's reads (its pinned-buffer filling, runnable without a GPU)."""
-    from quant_core.io.device_feed import _read_exact
+    """The reads of the reader and of the CUDA feed's pinned buffers (runnable without a GPU)."""
+    from quant_core.io.reader import read_exact as _read_exact
     path = tmp_path / "blob"
     path.write_bytes(bytes(range(256)) * 4)
     buffer = torch.zeros(100, dtype=torch.uint8)

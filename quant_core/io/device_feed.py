@@ -13,9 +13,8 @@ from collections.abc import Iterable, Iterator
 
 import torch
 
-from ..errors import QuantError
 from .dtypes import torch_dtype
-from .reader import SafetensorsReader, _will_need
+from .reader import SafetensorsReader, _will_need, read_exact
 
 SLOT_BYTES = 32 << 20
 SLOTS = 4
@@ -132,7 +131,7 @@ class DeviceFeed:
             while offset < info.nbytes:
                 n = min(ring.size, info.nbytes - offset)
                 buffer, event = ring.take()
-                _read_exact(file, buffer[:n], info.start + offset, self.reader.path, info.name)
+                read_exact(file, buffer[:n], info.start + offset, self.reader.path, info.name)
                 flat[offset:offset + n].copy_(buffer[:n], non_blocking=True)
                 event.record(stream)
                 ring.give(buffer, event)
@@ -140,14 +139,3 @@ class DeviceFeed:
             done = torch.cuda.Event()
             done.record(stream)
         return flat.view(dtype).reshape(info.shape), done
-
-
-def _read_exact(file, buffer: torch.Tensor, offset: int, path: str, name: str) -> None:
-    view = memoryview(buffer.numpy())
-    file.seek(offset)
-    got = 0
-    while got < len(view):
-        n = file.readinto(view[got:])
-        if not n:
-            raise QuantError(f"{path}: truncated while reading tensor {name!r}")
-        got += n

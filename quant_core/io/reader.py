@@ -196,14 +196,7 @@ class SafetensorsReader:
         if info.nbytes == 0:
             return torch.empty(info.shape, dtype=dtype)
         buf = torch.empty(info.nbytes, dtype=torch.uint8)
-        view = memoryview(buf.numpy())
-        self._file.seek(info.start)
-        done = 0
-        while done < info.nbytes:
-            n = self._file.readinto(view[done:])
-            if not n:
-                raise QuantError(f"{self.path}: truncated while reading tensor {info.name!r}")
-            done += n
+        read_exact(self._file, buf, info.start, self.path, info.name)
         return buf.view(dtype).reshape(info.shape)
 
     def iter_tensors(self, keys: Iterable[str], prefetch_bytes: int = 0) -> Iterator[tuple[str, torch.Tensor]]:
@@ -222,6 +215,18 @@ class SafetensorsReader:
                 advised += 1
             yield key, self.get_tensor(key)
             ahead -= self.info(key).nbytes
+
+
+def read_exact(file, buffer: torch.Tensor, offset: int, path: str, name: str) -> None:
+    """Fill the uint8 CPU tensor `buffer` with the file's bytes from `offset` (unbuffered file; seek + readinto)."""
+    view = memoryview(buffer.numpy())
+    file.seek(offset)
+    got = 0
+    while got < len(view):
+        n = file.readinto(view[got:])
+        if not n:
+            raise QuantError(f"{path}: truncated while reading tensor {name!r}")
+        got += n
 
 
 def _will_need(fd: int, offset: int, length: int) -> None:
