@@ -3,8 +3,12 @@ import signal
 import sys
 
 
-def _terminate(signum, frame):
-    raise KeyboardInterrupt
+def _exit_interrupted(signum, frame):
+    # Nothing is written before the CLI is imported, so there is nothing to unwind; raising instead would unwind
+    # through torch's import, where a KeyboardInterrupt inside a C++ callback aborts the process (SIGABRT) and one
+    # swallowed by an import probe leaves a half-loaded numpy behind (an unrelated ImportError later).
+    print("interrupted; no output written", file=sys.stderr, flush=True)
+    os._exit(130)
 
 
 EARLY_READ_AHEAD_BYTES = 4 << 30  # about what a disk reads during the ~3 s that importing torch takes
@@ -35,14 +39,12 @@ def read_ahead_input(argv: list[str]) -> None:
 
 def run() -> int:
     """The console scripts' entry point: read ahead, then import the CLI (and torch) and run it."""
-    # Ctrl-C or SIGTERM while torch is still importing: exit quietly (nothing has been written yet).
-    signal.signal(signal.SIGTERM, _terminate)
+    # Ctrl-C or SIGTERM while torch is still importing: exit at once, quietly.
+    signal.signal(signal.SIGINT, _exit_interrupted)
+    signal.signal(signal.SIGTERM, _exit_interrupted)
     read_ahead_input(sys.argv[1:])
-    try:
-        from .cli import main
-    except KeyboardInterrupt:
-        print("interrupted; no output written", file=sys.stderr)
-        return 130
+    from .cli import main
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # from here on an interrupt unwinds and cleans up
     return main()
 
 
