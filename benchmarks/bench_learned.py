@@ -25,9 +25,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "tests"))
 
-from quant_core.formats import make_format  # noqa: E402
-from quant_core.methods.learned import LearnedConfig, LearnedRounding  # noqa: E402
-from quant_core.methods.rtn import RoundToNearest  # noqa: E402
+from quant_core.quantization.formats import make_format  # noqa: E402
+from quant_core.quantization.methods.learned import LearnedConfig, LearnedRounding  # noqa: E402
+from quant_core.quantization.methods.rtn import RoundToNearest  # noqa: E402
 
 HELD_OUT = [
     "The train to Lisbon leaves at seven and arrives shortly after noon.",

@@ -27,9 +27,9 @@ from safetensors.torch import save_file
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from quant_core.formats import make_format  # noqa: E402
-from quant_core.methods.learned import LearnedConfig, LearnedRounding  # noqa: E402
-from quant_core.methods.rtn import RoundToNearest  # noqa: E402
+from quant_core.quantization.formats import make_format  # noqa: E402
+from quant_core.quantization.methods.learned import LearnedConfig, LearnedRounding  # noqa: E402
+from quant_core.quantization.methods.rtn import RoundToNearest  # noqa: E402
 
 FORMATS = {"fp8": ("fp8", "tensor"), "int8": ("int8", "row")}  # ours -> ctq (target_format, scaling_mode)
 # ctq 1.3.4's CLI defaults (cli/main.py), what `ctq -i model.safetensors` runs

@@ -26,10 +26,10 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]
 
-from quant_core.cli import build_parser, options_from_args  # noqa: E402
-from quant_core.convert import convert  # noqa: E402
-from quant_core.dequant import load_dequantized  # noqa: E402
-from quant_core.methods import METHODS  # noqa: E402
+from quant_core.cli.convert import build_parser, job_from_args  # noqa: E402
+from quant_core.pipeline import convert  # noqa: E402
+from quant_core.dequantize import load_dequantized  # noqa: E402
+from quant_core.quantization.methods import METHODS  # noqa: E402
 
 CALIBRATION = [
     "The old lighthouse keeper climbed the stairs every evening to light the lamp.",
@@ -184,7 +184,7 @@ class Judge:
 def calibrate(sentences: list[str], workdir: str, name: str) -> str:
     import minilm
 
-    from quant_core.cli import main
+    from quant_core.cli.convert import main
     text = os.path.join(workdir, f"{name}.txt")
     with open(text, "w", encoding="utf-8") as f:
         f.write("\n".join(sentences) + "\n")
@@ -201,7 +201,7 @@ def run_row(judge: Judge, workdir: str, argv: list[str]) -> tuple[float, float, 
     args = build_parser().parse_args(["-i", judge.minilm.weights_path(), "-o", out, "--overwrite", "--no-progress",
                                       *argv])
     start = time.perf_counter()
-    result = convert(args.input, args.output, options_from_args(args))
+    result = convert(args.input, args.output, job_from_args(args)[0])
     seconds = (time.perf_counter() - start) / max(len(result.plan.of("quantize")), 1)
     assert result.verify is not None and result.verify.ok
     return judge.sqnr_db(out), seconds, result
@@ -216,7 +216,7 @@ LARGE_SET_ROWS = ("gptq", "gptq damp 0.01", "quip ConvRot-stored")  # rows also 
 
 
 def rows_for(fmt: str) -> list[tuple[str, list[str]]]:
-    """(label, extra flags) of every row of a format; methods taken from quant_core.methods."""
+    """(label, extra flags) of every row of a format; methods taken from quant_core.quantization.methods."""
     rows = [(method, ["--optimizer", method]) for method in METHODS]
     if "gptq" in METHODS:
         rows.append(("gptq damp 0.01", ["--optimizer", "gptq", "--gptq-damp", "0.01"]))

@@ -22,8 +22,8 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from quant_core.calib import StatsAccumulator  # noqa: E402
-from quant_core.formats import make_format  # noqa: E402
-from quant_core.methods import METHODS, get_method  # noqa: E402
+from quant_core.quantization.formats import make_format  # noqa: E402
+from quant_core.quantization.methods import METHODS, get_method  # noqa: E402
 
 
 def inputs(tokens: int, k: int, rank: int, device, seed: int) -> torch.Tensor:

@@ -11,10 +11,8 @@ from collections import Counter
 
 from comfy_api.latest import io
 
-from ..quant_core.convert import convert
-from ..quant_core.errors import QuantError
-from ..quant_core.select.plan import KEEP, QUANTIZE
-from ..quant_core.verify import verify_file
+from .. import quant_core
+from ..quant_core import KEEP, QUANTIZE, QuantError
 from . import paths
 from .recipe import QuantRecipe
 from .types import CATEGORY, QuantPlan
@@ -68,8 +66,8 @@ class SaveQuantized(io.ComfyNode):
         from .progress import layer_progress
         path, display = paths.save_path(filename_prefix, destination)
         try:
-            options = plan.options(verify=verify)
-            result = convert(plan.source, path, options, on_layer=layer_progress())
+            job = plan.job(verify=verify)
+            result = quant_core.convert(plan.source, path, job, on_layer=layer_progress())
         except QuantError as e:
             raise ValueError(str(e)) from None
         report = conversion_report(result, display, plan)
@@ -119,7 +117,7 @@ class VerifyQuantized(io.ComfyNode):
         from .progress import check_interrupted
         check_interrupted()
         try:
-            result = verify_file(target, reference=source, allow_legacy=True)
+            result = quant_core.verify_file(target, reference=source, allow_legacy=True)
         except QuantError as e:
             raise ValueError(str(e)) from None
         report = verification_report(result, paths.display_name(target, paths.VERIFY_FOLDERS))

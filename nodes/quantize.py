@@ -1,7 +1,8 @@
 """Quantize INT8 / FP8 / NVFP4 / MXFP8: choose the format and the engine's selection settings for the plan.
 
-The node validates its settings through the engine itself (`QuantOptions.validate`, the layer-config parser), both
-in `validate_inputs` and again in `execute`, because older servers skip combo validation.
+Inputs that are engine settings take their default, range and help from the engine's declarations
+(`quant_core.SETTINGS`); the node checks its values through the engine itself (`quant_core.Job.build`), in
+`validate_inputs` and again in `execute`, because older servers skip combo validation.
 """
 from __future__ import annotations
 
@@ -9,13 +10,11 @@ import json
 
 from comfy_api.latest import io
 
-from ..quant_core.errors import QuantError
-from ..quant_core.methods import HELP as METHOD_HELP
-from ..quant_core.options import METHODS, QuantOptions
-from ..quant_core.select.layer_config import load_layer_config
-from ..quant_core.select.presets import PRESETS
+from .. import quant_core
+from ..quant_core import QuantError
 from . import paths
 from .recipe import QuantRecipe
+from .settings import setting_input
 from .types import CATEGORY, QuantPlan
 
 NO_PRESET = "none"
@@ -23,33 +22,28 @@ SYNTHETIC = "synthetic"
 
 
 def _common_inputs() -> list:
+    methods = quant_core.METHODS
     return [
         QuantPlan.Input("plan", tooltip="The plan from Load Safetensors, Merge LoRA or SmoothQuant."),
-        io.Combo.Input("method", options=list(METHODS), default="rtn",
-                       tooltip="How codes are chosen on the scale grid. " + "; ".join(
-                           f"{m}: {METHOD_HELP.get(m, m)}" for m in METHODS)),
+        setting_input("method", tooltip="How codes are chosen on the scale grid. " + "; ".join(
+            f"{name}: {entry.help}" for name, entry in methods.items())),
         io.Combo.Input("calibration", options=[SYNTHETIC, *paths.list_files(paths.CALIBRATION_FOLDERS)],
                        default=SYNTHETIC,
                        tooltip="Input statistics for GPTQ/QuIP and bias correction: a calibration file from "
-                               "models/quant_calibration (python -m quant_core calibrate …), or synthetic inputs "
-                               "(then GPTQ/QuIP behave like round-to-nearest and bias correction is skipped)."),
-        io.Boolean.Input("bias_correction", default=True,
-                         tooltip="With a calibration file: add (W − Ŵ)·E[x] to each quantized layer's bias, "
-                                 "removing the mean output shift that rounding causes."),
-        io.Float.Input("gptq_damp", default=0.1, min=0.0, max=5.0, step=0.01,
-                       tooltip="GPTQ/QuIP Hessian dampening, as a fraction of mean(diag H); 0.1 measured best with "
-                               "about 1,000 calibration tokens, smaller values suit larger calibration sets."),
-        io.Combo.Input("preset", options=[NO_PRESET, *PRESETS], default=NO_PRESET,
+                               "models/quant_calibration (python -m quant_core calibrate …), or none (GPTQ/QuIP then "
+                               "use synthetic inputs and behave like round-to-nearest)."),
+        setting_input("bias_correction"),
+        setting_input("gptq_damp", step=0.01),
+        io.Combo.Input("preset", options=[NO_PRESET, *quant_core.PRESETS], default=NO_PRESET,
                        tooltip="Model preset: which layers stay in high precision or are removed (the converter's "
                                "--flux2, --t5xxl, --wan … presets). " + "; ".join(
-                                   f"{name}: {p.help}" for name, p in PRESETS.items())),
+                                   f"{name}: {p.help}" for name, p in quant_core.PRESETS.items())),
         io.String.Input("exclude_layers", default="", tooltip="Regular expression: layers whose name matches stay in "
                                                               "high precision (empty = none)."),
-        io.Boolean.Input("keep_io_layers", default=True,
+        io.Boolean.Input("keep_io_layers", default=not quant_core.SETTINGS["quantize_io_layers"][1],
                          tooltip="Keep input embedders and the first/last layers in high precision (recommended: "
                                  "ComfyUI detects the architecture from some of their shapes)."),
-        io.Boolean.Input("full_precision_matrix_mult", default=False,
-                         tooltip="Store quantized but compute in the model's dtype (ComfyUI reads this per layer)."),
+        setting_input("full_precision_matrix_mult"),
         io.String.Input("layer_config", default="", multiline=True,
                         tooltip="Optional per-layer rules as JSON, the same schema as --layer-config (see the README); "
                                 "empty = none."),
@@ -58,21 +52,21 @@ def _common_inputs() -> list:
 
 def _settings(format: str, method: str, calibration: str, bias_correction: bool, gptq_damp: float, preset: str,
               exclude_layers: str, keep_io_layers: bool, full_precision_matrix_mult: bool, layer_config: str,
-              **format_fields) -> dict:
-    """The QuantOptions fields a Quantize node sets; raises QuantError with a one-line message."""
-    fields = dict(format=format, method=method, presets=() if preset == NO_PRESET else (preset,),
-                  exclude_layers=exclude_layers.strip() or None, quantize_io_layers=not keep_io_layers,
-                  full_precision_matrix_mult=full_precision_matrix_mult, bias_correction=bias_correction,
-                  gptq_damp=gptq_damp, calibration_data=_calibration_path(calibration), **format_fields)
+              **format_settings) -> dict:
+    """The engine settings a Quantize node sets (checked: raises QuantError with a one-line message)."""
+    settings = dict(format=format, method=method, presets=() if preset == NO_PRESET else (preset,),
+                    exclude_layers=exclude_layers.strip() or None, quantize_io_layers=not keep_io_layers,
+                    full_precision_matrix_mult=full_precision_matrix_mult, bias_correction=bias_correction,
+                    gptq_damp=gptq_damp, **format_settings)
+    if calibration != SYNTHETIC:
+        settings["calibration_data"] = _calibration_path(calibration)
     if layer_config.strip():
         try:
-            fields["layer_config"] = json.loads(layer_config)
-        except ValueError as e:
+            settings["layer_config"] = json.loads(layer_config)
+        except (ValueError, RecursionError) as e:
             raise QuantError(f"layer_config: malformed JSON: {e}") from None
-    options = QuantOptions(**fields).validate()
-    if options.layer_config is not None:
-        load_layer_config(options.layer_config, options)
-    return fields
+    quant_core.Job.build(settings, given=quant_core.given_by_value(settings))
+    return settings
 
 
 def _calibration_path(name: str) -> str | None:
@@ -85,7 +79,7 @@ def _calibration_path(name: str) -> str | None:
 
 
 def _validate(node_fields, plan=None, **inputs) -> bool | str:
-    """`node_fields` maps the node's own widgets to QuantOptions fields (and checks its combos)."""
+    """`node_fields` maps the node's own widgets to engine settings (and checks its combos)."""
     try:
         _settings(**node_fields(**inputs))
     except QuantError as e:
@@ -117,12 +111,12 @@ class QuantizeINT8(io.ComfyNode):
             io.Boolean.Input("convrot", default=False,
                              tooltip="Rotate each row group with a block Hadamard (ConvRot) before rounding: lower "
                                      "error on weights with outliers; ComfyUI undoes it online. Per-row scaling only."),
-            io.Combo.Input("convrot_group_size", options=CONVROT_GROUPS, default="256",
+            io.Combo.Input("convrot_group_size", options=CONVROT_GROUPS,
+                           default=str(quant_core.SETTINGS["convrot_group_size"][1]),
                            tooltip="ConvRot block size (a power of 4; the input width must be a multiple of it)."),
-            io.Boolean.Input("quip_convrot_storage", default=True,
-                             tooltip="Method quip only: store the weights in ComfyUI's ConvRot form (the rotation "
-                                     "ComfyUI applies online), keeping QuIP's gain; off re-quantizes in the original "
-                                     "space (the converter's default), which loses most of it."),
+            setting_input("quip_store_transformed", input_name="quip_convrot_storage", tooltip="Method quip only: store the weights in ComfyUI's "
+                          "ConvRot form (the rotation ComfyUI applies online), keeping QuIP's gain; off re-quantizes "
+                          "in the original space, which loses most of it."),
         ])
 
     @classmethod
@@ -148,9 +142,10 @@ def _choice(name: str, value, choices) -> None:
 def _int8(scaling, convrot, convrot_group_size, quip_convrot_storage, **rest) -> dict:
     _choice("scaling", scaling, INT8_SCALING)
     _choice("convrot_group_size", str(convrot_group_size), CONVROT_GROUPS)
-    quip_native = quip_convrot_storage and rest.get("method") == "quip"
-    return dict(rest, format="int8", scaling_mode=scaling, convrot=convrot, convrot_group_size=int(convrot_group_size),
-                quip_store_transformed=quip_native)
+    settings = dict(rest, format="int8", scaling_mode=scaling, convrot=convrot, convrot_group_size=int(convrot_group_size))
+    if rest.get("method") == "quip":  # the input is shown for every method; only QuIP reads it
+        settings["quip_store_transformed"] = quip_convrot_storage
+    return settings
 
 
 class QuantizeFP8(io.ComfyNode):

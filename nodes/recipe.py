@@ -12,8 +12,8 @@ import json
 import os
 from dataclasses import dataclass
 
-from ..quant_core.errors import QuantError
-from ..quant_core.options import QuantOptions
+from .. import quant_core
+from ..quant_core import QuantError
 
 
 @dataclass(frozen=True)
@@ -29,8 +29,8 @@ class QuantRecipe:
     source_name: str  # as listed in the node ("diffusion_models/flux.safetensors")
     fingerprint: str  # size and modification time: an edited file re-runs everything downstream
     loras: tuple[LoraStep, ...] = ()
-    transform: tuple[tuple[str, object], ...] = ()  # QuantOptions fields set by transform nodes (SmoothQuant)
-    quantize: tuple[tuple[str, object], ...] = ()  # QuantOptions fields set by a Quantize node
+    transform: tuple[tuple[str, object], ...] = ()  # settings of transform nodes (SmoothQuant)
+    quantize: tuple[tuple[str, object], ...] = ()  # settings of a Quantize node
 
     def with_lora(self, step: LoraStep) -> QuantRecipe:
         return dataclasses.replace(self, loras=self.loras + (step,))
@@ -43,20 +43,18 @@ class QuantRecipe:
             raise QuantError("this plan is already quantized by an earlier Quantize node; use one Quantize node per chain")
         return dataclasses.replace(self, quantize=tuple(fields.items()))
 
-    def options(self, **run_fields) -> QuantOptions:
-        """The validated engine options for this recipe; `run_fields` are the Save node's (verify, progress…)."""
+    def job(self, **run_settings):
+        """The checked engine job for this recipe; `run_settings` are the Save node's (verify, progress…)."""
         if not self.quantize:
             raise QuantError("the plan reaching Save Quantized has no Quantize node; add Quantize (INT8/FP8/NVFP4/MXFP8) "
                              "between Load Safetensors and Save Quantized")
         loras = tuple((step.path, step.strength) for step in self.loras)
-        transform, quantize = dict(self.transform), dict(self.quantize)
-        smoothing_file, quantize_file = transform.get("calibration_data"), quantize.get("calibration_data")
-        if smoothing_file and quantize_file and smoothing_file != quantize_file:
-            raise QuantError("SmoothQuant and the Quantize node name two different calibration files; use one")
-        if quantize_file is None and smoothing_file:
-            quantize["calibration_data"] = smoothing_file  # the Quantize node's "synthetic" means "none of its own"
-        fields = {**transform, **quantize, **run_fields, "loras": loras}
-        return QuantOptions(**fields).validate()
+        steps = [("a transform node", dict(self.transform)), ("the Quantize node", dict(self.quantize)),
+                 ("Save Quantized", run_settings)]
+        settings = quant_core.combine_settings(steps)
+        if loras:
+            settings["loras"] = loras
+        return quant_core.Job.build(settings, given=quant_core.given_by_value(settings))
 
     def describe(self) -> str:
         """One line per step, for the node's text output and the report."""

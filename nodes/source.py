@@ -5,8 +5,8 @@ import math
 
 from comfy_api.latest import io
 
-from ..quant_core.errors import QuantError
-from ..quant_core.lora.merge import LoraMerger
+from .. import quant_core
+from ..quant_core import QuantError
 from . import paths
 from .recipe import LoraStep, QuantRecipe, file_fingerprint
 from .types import CATEGORY, QuantPlan
@@ -88,11 +88,8 @@ class MergeLoRA(io.ComfyNode):
 
 def _check_lora_matches(plan: QuantRecipe, lora_path: str, strength: float) -> None:
     """Fail here (not minutes later in Save) when the LoRA does not fit the model: reads headers only."""
-    from ..quant_core.io.reader import SafetensorsReader
-    with SafetensorsReader(plan.source, low_memory=True) as reader:
-        shapes = {info.name: info.shape for info in reader.infos()}
     try:
-        LoraMerger([(lora_path, strength)], shapes)
+        quant_core.check_lora(plan.source, lora_path, strength)
     except QuantError as e:
         raise ValueError(str(e)) from None
 

@@ -1,11 +1,12 @@
 """SmoothQuant: adds the exact-fold smoothing step to the plan (the engine does the math while saving)."""
 from __future__ import annotations
 
-import math
-
 from comfy_api.latest import io
 
+from .. import quant_core
+from ..quant_core import QuantError
 from . import paths
+from .settings import setting_input
 from .types import CATEGORY, QuantPlan
 
 
@@ -24,27 +25,31 @@ class SmoothQuant(io.ComfyNode):
                 io.Combo.Input("calibration", options=paths.list_files(paths.CALIBRATION_FOLDERS),
                                tooltip="Calibration statistics (per-layer input_absmax) from models/quant_calibration; "
                                        "make one with `python -m quant_core calibrate`."),
-                io.Float.Input("alpha", default=0.5, min=0.0, max=1.0, step=0.05,
-                               tooltip="Migration strength α: s = absmax(x)^α / absmax(w)^(1−α); 0.5 balances "
-                                       "activation and weight ranges."),
+                setting_input("smoothquant_alpha", input_name="alpha", step=0.05),
             ],
             outputs=[QuantPlan.Output(display_name="plan", tooltip="The plan with smoothing added.")],
         )
 
     @classmethod
     def validate_inputs(cls, calibration, alpha):
-        if not (math.isfinite(alpha) and 0.0 <= alpha <= 1.0):
-            return f"alpha must be between 0 and 1, got {alpha}"
         try:
-            paths.resolve(calibration, paths.CALIBRATION_FOLDERS)
-        except ValueError as e:
+            _settings(calibration, alpha)
+        except (ValueError, QuantError) as e:
             return str(e)
         return True
 
     @classmethod
     def execute(cls, plan, calibration, alpha) -> io.NodeOutput:
-        problem = cls.validate_inputs(calibration, alpha)
-        if problem is not True:
-            raise ValueError(problem)
-        path = paths.resolve(calibration, paths.CALIBRATION_FOLDERS)
-        return io.NodeOutput(plan.with_transform(smoothquant=True, smoothquant_alpha=float(alpha), calibration_data=path))
+        try:
+            settings = _settings(calibration, alpha)
+        except QuantError as e:
+            raise ValueError(str(e)) from None
+        return io.NodeOutput(plan.with_transform(**settings))
+
+
+def _settings(calibration: str, smoothquant_alpha: float) -> dict:
+    """The engine settings of this step, checked by the engine."""
+    settings = dict(smoothquant=True, smoothquant_alpha=smoothquant_alpha,
+                    calibration_data=paths.resolve(calibration, paths.CALIBRATION_FOLDERS))
+    quant_core.Job.build(settings)
+    return settings

@@ -1,30 +1,28 @@
 """quant_core: turn safetensors checkpoints into quantized files that stock ComfyUI loads.
 
-ComfyUI-free (torch, safetensors, tqdm, comfy-kitchen for verification). Library use:
+ComfyUI-free (torch, safetensors, tqdm, comfy-kitchen for verification). The public API, used by the ComfyUI nodes
+and by scripts:
 
     import quant_core
     result = quant_core.quantize(input="model.safetensors", output="model_int8.safetensors", format="int8")
     print(result.report.summary())
+
+Settings are keywords with the CLI's long-flag names (`gptq_damp` for `--gptq-damp`); `quant_core.SETTINGS` lists
+each with its declaration (default, help, allowed values), and `quant_core.Job.build` checks a set of them.
 """
 from __future__ import annotations
 
 __version__ = "0.1.0"
 
 
-def quantize(input: str, output: str | None = None, **options):
-    """Convert `input` to a quantized file. Keyword options are the fields of `QuantOptions` (same names as the
-    CLI's long flags, with underscores). Returns a `ConvertResult` (output path, plan, quality report, verify)."""
-    import dataclasses
-
-    from .convert import convert
-    from .errors import QuantError
-    from .options import QuantOptions
-    known = {f.name for f in dataclasses.fields(QuantOptions)}
-    unknown = sorted(set(options) - known)
-    if unknown:
-        raise QuantError(f"unknown option {unknown[0]!r} (options: {', '.join(sorted(known))})")
-    options.setdefault("progress", False)
-    return convert(input, output, QuantOptions(**options))
+def quantize(input: str, output: str | None = None, on_layer=None, **settings):
+    """Convert `input` to a quantized file. Keyword settings: see `SETTINGS`; a setting that has no effect with the
+    others is refused (QuantError). `on_layer(done, total)` is called after each layer. Returns a `ConvertResult`
+    (output path, plan, quality report, verify result)."""
+    from .job import Job
+    from .pipeline import convert
+    settings.setdefault("progress", False)
+    return convert(input, output, Job.build(settings), on_layer)
 
 
 def verify(path: str, reference: str | None = None, allow_legacy: bool = False):
@@ -33,4 +31,35 @@ def verify(path: str, reference: str | None = None, allow_legacy: bool = False):
     return verify_file(path, reference, allow_legacy)
 
 
-__all__ = ["quantize", "verify", "__version__"]
+def __getattr__(name: str):
+    """The rest of the public API, imported on first use (importing the package stays cheap)."""
+    if name in ("Job", "SETTINGS", "combine_settings", "given_by_value"):
+        from . import job
+        return getattr(job, name)
+    if name == "QuantError":
+        from .errors import QuantError
+        return QuantError
+    if name == "PRESETS":
+        from .select.presets import PRESETS
+        return PRESETS
+    if name == "METHODS":
+        from .quantization.methods import METHODS
+        return METHODS
+    if name in ("convert", "ConvertResult"):
+        from . import pipeline
+        return getattr(pipeline, name)
+    if name in ("verify_file", "VerifyResult"):
+        from . import verify as verify_module
+        return getattr(verify_module, name)
+    if name == "check_lora":
+        from .transform.lora.merge import check_lora
+        return check_lora
+    if name in ("KEEP", "QUANTIZE"):
+        from .select import plan
+        return getattr(plan, name)
+    raise AttributeError(f"module 'quant_core' has no attribute {name!r}")
+
+
+__all__ = ["quantize", "verify", "Job", "SETTINGS", "QuantError", "PRESETS", "METHODS", "convert", "ConvertResult",
+           "verify_file", "VerifyResult", "check_lora", "combine_settings", "given_by_value", "KEEP", "QUANTIZE",
+           "__version__"]

@@ -14,9 +14,9 @@ from dataclasses import dataclass, field
 import torch
 
 from .errors import QuantError
-from .formats import LEGACY_NAMES, UPSTREAM_NAMES, make_format
-from .formats.blocked import blocked_shape, round_up
-from .formats.int8 import is_power_of_4
+from .quantization.formats import LEGACY_NAMES, UPSTREAM_NAMES, make_format
+from .quantization.formats.blocked import blocked_shape, round_up
+from .quantization.formats.int8 import is_power_of_4
 from .io.dtypes import FLOAT_TAGS
 from .io.reader import SafetensorsReader
 from .report import safe_norm

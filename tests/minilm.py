@@ -49,7 +49,7 @@ def cosine_to_original(quantized_path: str) -> torch.Tensor:
     """Per-sentence cosine similarity between the original and the quantized model's embeddings."""
     from safetensors import safe_open
 
-    from quant_core.dequant import load_dequantized
+    from quant_core.dequantize import load_dequantized
     with safe_open(weights_path(), "pt") as f:
         shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
     rebuilt = load_dequantized(quantized_path, shapes)

@@ -1,11 +1,15 @@
-"""`python -m quant_core bench`: the checkpoint it builds, the way it measures, and a small end-to-end run."""
+"""`python benchmarks/bench.py`: the checkpoint it builds, the way it measures, and a small end-to-end run."""
 import math
 import os
 import sys
 
 import pytest
 
-from quant_core import bench
+import os
+import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
+import bench  # noqa: E402
 
 
 def test_default_checkpoint_is_flux_dev_shaped():

@@ -146,7 +146,7 @@ def test_calibrate_subcommand_errors(cli, make_file, tmp_path):
 def test_range_readers_never_load_a_layers_hessian_and_negative_ranges_are_refused(tmp_path):
     """SmoothQuant/static scales read through the shared reader with `only=`: a [K,K] tensor is not even read (a bad
     one does not matter to them), while every range is still validated."""
-    from quant_core.transform._calibration import read_calibration
+    from quant_core.calib.ranges import read_calibration
     meta = {"format": "quant_calibration", "version": "1", "source": "test"}
     path = str(tmp_path / "c.safetensors")
     save_file({"l.input_absmax": torch.ones(4), "l.n_tokens": torch.tensor(3), "l.hessian": torch.ones(3, 3)},

@@ -6,11 +6,11 @@ from comfy_kitchen.backends.eager import quantization as ck_eager
 from comfy_kitchen.backends.eager.convrot_w4a4 import _build_hadamard, _rotate_weight
 from comfy_kitchen.tensor import TensorCoreFP8Layout, TensorWiseINT8Layout
 
-from quant_core.formats import make_format
-from quant_core.formats.base import divide_by_scale
-from quant_core.formats.blocked import from_blocked, to_blocked
-from quant_core.formats.int8 import hadamard, rotate
-from quant_core.formats.nvfp4 import E2M1_VALUES, e2m1_codes
+from quant_core.quantization.formats import make_format
+from quant_core.quantization.formats.base import divide_by_scale
+from quant_core.quantization.formats.blocked import from_blocked, to_blocked
+from quant_core.quantization.formats.int8 import hadamard, rotate
+from quant_core.quantization.formats.nvfp4 import E2M1_VALUES, e2m1_codes
 
 SHAPES = [(128, 256), (100, 200), (33, 48), (3072 // 8, 12288 // 16), (1, 16), (17, 1), (64, 256)]
 

@@ -42,9 +42,9 @@ def test_cuda_convrot_matches_cpu_within_one_code(flux_file, tmp_path):
 @pytest.mark.parametrize("family", ["int8", "fp8", "nvfp4", "mxfp8"])
 def test_graphed_gptq_sweep_gives_the_eager_codes(monkeypatch, family):
     """The CUDA-graph replay of the column loop must choose exactly the codes of the eager loop."""
-    from quant_core.formats import make_format
-    from quant_core.methods import ldlq
-    from quant_core.methods.ldlq import SweepConfig, sweep
+    from quant_core.quantization.formats import make_format
+    from quant_core.quantization.methods import sweep as ldlq
+    from quant_core.quantization.methods.sweep import SweepConfig, sweep
     g = torch.Generator().manual_seed(0)
     weight = (torch.randn(256, 1024, generator=g) * 0.02).cuda()
     x = torch.randn(4096, 64, generator=g) @ torch.randn(64, 1024, generator=g) + 0.1 * torch.randn(4096, 1024, generator=g)
@@ -65,9 +65,10 @@ def test_graphed_gptq_sweep_gives_the_eager_codes(monkeypatch, family):
 def test_fused_sweep_matches_the_eager_loop(monkeypatch, family, act_order):
     """The Triton block kernel: codes equal to the eager loop's except rare FMA ties; same output error."""
     pytest.importorskip("triton")
-    from quant_core.formats import make_format
-    from quant_core.methods import ldlq, ldlq_triton
-    from quant_core.methods.ldlq import SweepConfig, sweep
+    from quant_core.quantization.formats import make_format
+    from quant_core.quantization.methods import sweep as ldlq
+    from quant_core.quantization.methods.kernels import triton_sweep as ldlq_triton
+    from quant_core.quantization.methods.sweep import SweepConfig, sweep
     g = torch.Generator().manual_seed(1)
     weight = (torch.randn(300, 1024, generator=g) * 0.02).cuda()
     x = (torch.randn(4096, 64, generator=g) @ torch.randn(64, 1024, generator=g)

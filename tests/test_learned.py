@@ -6,10 +6,10 @@ import pytest
 import torch
 
 import quant_core
-from quant_core.formats import make_format
+from quant_core.quantization.formats import make_format
 from quant_core.io.reader import SafetensorsReader
-from quant_core.methods.learned import LearnedConfig, LearnedRounding, LrSchedule, singular_subspace
-from quant_core.methods.rtn import RoundToNearest
+from quant_core.quantization.methods.learned import LearnedConfig, LearnedRounding, LrSchedule, singular_subspace
+from quant_core.quantization.methods.rtn import RoundToNearest
 
 
 # quantize two layers of the tiny Flux file (the rest kept): enough to exercise every format, fast on 2 cores
@@ -139,7 +139,7 @@ def test_rank_selection_follows_top_p_min_k_max_k():
 def test_every_format_through_the_library_passes_full_verify(flux_file, tmp_path, options, optimizer):
     out = str(tmp_path / "learned.safetensors")
     result = quant_core.quantize(input=flux_file, output=out, method="learned", verify="full", exclude_layers=TWO_LAYERS,
-                                 learned={"optimizer": optimizer, "num_iter": 20}, **options)
+                                 optimizer=optimizer, num_iter=20, **options)
     assert result.verify.ok and result.verify.checked_reference
     assert len(result.report.layers) == 2 and all(layer.sqnr_db > 15 for layer in result.report.layers)
 
@@ -150,7 +150,6 @@ def test_cli_learned_rounding_names_the_method(cli, flux_file, tmp_path):
                             "--num_iter", "50",
                             "--lr_schedule", "plateau", "--lr_patience", "3", "--top_p", "0.1", "--full_matrix")
     assert code == 0, err
-    assert "learned rounding does not beat round-to-nearest" in stdout  # the honest verdict, in every run
     with SafetensorsReader(str(out)) as reader:
         assert '"method": "learned"' in reader.metadata()["quant_core"]
     code, stdout, err = cli("-i", flux_file, "--exclude-layers", TWO_LAYERS, "--optimizer", "radam", "--num_iter", "5",

@@ -10,7 +10,7 @@ from safetensors.torch import save_file
 import quant_core
 from conftest import flux_like_state_dict
 from quant_core.errors import QuantError
-from quant_core.lora.merge import LoraMerger, lora_scales
+from quant_core.transform.lora.merge import LoraMerger, lora_scales
 
 H, R = 256, 8
 G = torch.Generator().manual_seed(7)
@@ -229,7 +229,7 @@ def test_cli_merges_then_quantizes_and_verifies(tmp_path, cli):
     code, stdout, err = cli("-i", src, "-o", out, "--merge-lora", lora, "--merge-lora-scale", "0.5", "--verify", "full")
     assert code == 0, err
     assert "LoRA: 1 modules merged into 1 weights (1 kohya)" in stdout and "verify OK" in stdout
-    from quant_core.dequant import load_dequantized
+    from quant_core.dequantize import load_dequantized
     rebuilt = load_dequantized(out, {k: tuple(v.shape) for k, v in base.items()})
     key = "double_blocks.0.img_attn.qkv.weight"
     up, down = t[key.replace(".weight", "") .replace("double_blocks.0.img_attn.qkv", "lora_unet_double_blocks_0_img_attn_qkv") + ".lora_up.weight"], \

@@ -4,47 +4,51 @@ import pytest
 import torch
 
 import quant_core
-from quant_core import convert as convert_module
-from quant_core.convert import LayerRun, compute_dtype, streaming_threshold
+from quant_core import pipeline as convert_module
+from quant_core.quantization.layer import LayerRun, compute_dtype, streaming_threshold
 from quant_core.errors import QuantError
 from quant_core.io.reader import SafetensorsReader
-from quant_core.options import QuantOptions
+from quant_core.job import Job
 
 CUDA = torch.device("cuda")
 
 
-def options(**changes):
-    return QuantOptions(**changes).validate()
+def device(**changes):
+    return Job.build(changes).device
+
+
+def learned(**changes):
+    return Job.build(dict(method="learned", **changes)).method_config
 
 
 def test_streaming_thresholds(monkeypatch):
-    assert streaming_threshold(options(streaming_mode="balanced"), CUDA) == 50_000_000
-    assert streaming_threshold(options(streaming_mode="aggressive"), CUDA) == 25_000_000
-    assert streaming_threshold(options(streaming_mode="minimal"), CUDA) == 100_000_000
-    assert streaming_threshold(options(streaming_mode="off"), CUDA) == float("inf")
-    assert streaming_threshold(options(streaming_mode="aggressive", stream_hadamard_threshold=7), CUDA) == 7
-    assert streaming_threshold(options(streaming_mode="aggressive", no_memory_limits=True), CUDA) == float("inf")
-    assert streaming_threshold(options(streaming_mode="aggressive"), torch.device("cpu")) == float("inf")
+    assert streaming_threshold(device(streaming_mode="balanced"), CUDA) == 50_000_000
+    assert streaming_threshold(device(streaming_mode="aggressive"), CUDA) == 25_000_000
+    assert streaming_threshold(device(streaming_mode="minimal"), CUDA) == 100_000_000
+    assert streaming_threshold(device(streaming_mode="off"), CUDA) == float("inf")
+    assert streaming_threshold(device(cpu_threshold=7), CUDA) == 7
+    assert streaming_threshold(device(streaming_mode="aggressive", no_memory_limits=True), CUDA) == float("inf")
+    assert streaming_threshold(device(streaming_mode="aggressive"), torch.device("cpu")) == float("inf")
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (64 << 30, 80 << 30))
-    assert streaming_threshold(options(), CUDA) == (64 << 30) / 64  # auto: 16 fp32 copies of the weight fit
+    assert streaming_threshold(device(), CUDA) == (64 << 30) / 64  # auto: 16 fp32 copies of the weight fit
 
 
 def test_layers_above_the_threshold_run_on_the_cpu():
-    run = LayerRun(None, CUDA, options(), "m", 1000, [])
+    run = LayerRun(None, CUDA, False, "m", 1000, [])
     assert run.device_for(1000) == CUDA and run.device_for(1001) == torch.device("cpu")
 
 
 def test_bf16_compute_modes(monkeypatch):
     cpu = torch.device("cpu")
-    assert compute_dtype(10 ** 7, cpu, options(bf16_compute="auto")) == torch.float32  # auto: CUDA only
-    assert compute_dtype(10, cpu, options(bf16_compute="on")) == torch.bfloat16
-    assert compute_dtype(10 ** 7, cpu, options(bf16_compute="off")) == torch.float32
+    assert compute_dtype(10 ** 7, cpu, learned(bf16_compute="auto")) == torch.float32  # auto: CUDA only
+    assert compute_dtype(10, cpu, learned(bf16_compute="on")) == torch.bfloat16
+    assert compute_dtype(10 ** 7, cpu, learned(bf16_compute="off")) == torch.float32
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
-    assert compute_dtype(10 ** 6, CUDA, options()) == torch.bfloat16
-    assert compute_dtype(10 ** 6 - 1, CUDA, options()) == torch.float32
-    assert compute_dtype(500, CUDA, options(bf16_threshold=500)) == torch.bfloat16
+    assert compute_dtype(10 ** 6, CUDA, learned()) == torch.bfloat16
+    assert compute_dtype(10 ** 6 - 1, CUDA, learned()) == torch.float32
+    assert compute_dtype(500, CUDA, learned(bf16_threshold=500)) == torch.bfloat16
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)  # pre-Ampere: fp32 even when on
-    assert compute_dtype(10 ** 8, CUDA, options(bf16_compute="on")) == torch.float32
+    assert compute_dtype(10 ** 8, CUDA, learned(bf16_compute="on")) == torch.float32
 
 
 def test_bf16_compute_changes_the_learned_rounding_arithmetic(flux_file, tmp_path):
@@ -53,7 +57,7 @@ def test_bf16_compute_changes_the_learned_rounding_arithmetic(flux_file, tmp_pat
         out = str(tmp_path / f"{mode}.safetensors")
         quant_core.quantize(input=flux_file, output=out, format="fp8", method="learned", bf16_compute=mode,
                             exclude_layers=r"^(?!double_blocks\.0\.img_attn\.qkv$)", verify="off",
-                            learned={"optimizer": "adamw", "num_iter": 30, "lr": 0.2})
+                            optimizer="adamw", num_iter=30, lr=0.2)
         with SafetensorsReader(out) as reader:
             files[mode] = reader.get_tensor("double_blocks.0.img_attn.qkv.weight").view(torch.uint8)
     assert not torch.equal(files["on"], files["off"])
@@ -98,7 +102,7 @@ def test_no_memory_limits_makes_out_of_memory_fatal(monkeypatch, flux_file, tmp_
 
 def test_streaming_threshold_sends_big_layers_to_the_cpu_first(monkeypatch, flux_file, tmp_path):
     attempts = simulate_cuda_oom(monkeypatch, set())
-    quant_core.quantize(input=flux_file, output=str(tmp_path / "o.safetensors"), stream_hadamard_threshold=200_000)
+    quant_core.quantize(input=flux_file, output=str(tmp_path / "o.safetensors"), cpu_threshold=200_000)
     big = {layer for layer, device in attempts if device == "cpu"}
     assert big and all(layer.endswith(("mlp.0", "mlp.2", "mod.lin", "linear1", "linear2")) for layer in big)
     assert all(device == "cuda" for layer, device in attempts if layer not in big)

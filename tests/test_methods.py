@@ -10,9 +10,9 @@ from safetensors.torch import save_file
 import quant_core
 from quant_core.calib import StatsAccumulator, save_calibration
 from quant_core.errors import QuantError
-from quant_core.formats import make_format
-from quant_core.methods import GPTQ, QuIP, QuipConfig, get_method
-from quant_core.methods.ldlq import SweepConfig, sweep
+from quant_core.quantization.formats import make_format
+from quant_core.quantization.methods import GPTQ, QuIP, QuipConfig, make_method
+from quant_core.quantization.methods.sweep import SweepConfig, sweep
 from quant_core.verify import dequantize_with_comfy_kitchen
 
 N, K = 96, 256
@@ -48,7 +48,7 @@ def quantize(fmt, method, weight, stats):
 def test_gptq_beats_rtn_on_held_out_outputs(layer, family, group):
     weight, stats, heldout = layer
     fmt = make_format(family, None, 128, group)
-    rtn = output_sqnr(weight, quantize(fmt, get_method("rtn"), weight, stats), heldout)
+    rtn = output_sqnr(weight, quantize(fmt, make_method("rtn"), weight, stats), heldout)
     gptq = output_sqnr(weight, quantize(fmt, GPTQ(), weight, stats), heldout)
     assert gptq > rtn + 2.0, (family, group, rtn, gptq)
 
@@ -56,7 +56,7 @@ def test_gptq_beats_rtn_on_held_out_outputs(layer, family, group):
 def test_gptq_without_hessian_is_rtn_and_without_stats_is_exactly_rtn(layer):
     weight, stats, _ = layer
     fmt = make_format("nvfp4")  # block scales: no scale search, so diagonal-only stats give plain RTN
-    rtn = quantize(fmt, get_method("rtn"), weight, None)
+    rtn = quantize(fmt, make_method("rtn"), weight, None)
     assert torch.equal(quantize(fmt, GPTQ(), weight, None), rtn)
     diagonal = type(stats)(stats.absmax, stats.mean_sq, stats.n_tokens)
     assert torch.equal(quantize(fmt, GPTQ(), weight, diagonal), rtn)
@@ -67,7 +67,7 @@ def test_sweep_with_identity_hessian_is_round_to_nearest(layer):
     fmt = make_format("int8")
     grid = fmt.grid(weight.clone())
     codes = sweep(grid.work, grid.scale, torch.eye(K), fmt.round, SweepConfig(damp=0.0))
-    assert torch.equal(codes, get_method("rtn").codes(fmt, fmt.grid(weight.clone()), ""))
+    assert torch.equal(codes, make_method("rtn").codes(fmt, fmt.grid(weight.clone()), ""))
 
 
 def test_offloaded_factor_gives_the_same_codes(layer):
@@ -84,26 +84,26 @@ def test_act_order_and_damping_change_the_result(layer):
     weight, stats, _ = layer
     fmt = make_format("int8")
     base = quantize(fmt, GPTQ(), weight, stats)
-    from quant_core.methods import GPTQConfig
-    assert not torch.equal(base, quantize(fmt, GPTQ(GPTQConfig(SweepConfig(act_order=False))), weight, stats))
-    assert not torch.equal(base, quantize(fmt, GPTQ(GPTQConfig(SweepConfig(damp=0.001))), weight, stats))
+    from quant_core.quantization.methods import GPTQConfig
+    assert not torch.equal(base, quantize(fmt, GPTQ(GPTQConfig(gptq_actorder=False)), weight, stats))
+    assert not torch.equal(base, quantize(fmt, GPTQ(GPTQConfig(gptq_damp=0.001)), weight, stats))
 
 
 def test_quip_convrot_equals_ldlq_in_comfyui_basis_and_beats_rtn(layer):
     weight, stats, heldout = layer
     fmt = make_format("int8", "row", 128, 64)
     quip = output_sqnr(weight, quantize(fmt, QuIP(), weight, stats), heldout)
-    rtn = output_sqnr(weight, quantize(make_format("int8"), get_method("rtn"), weight, stats), heldout)
+    rtn = output_sqnr(weight, quantize(make_format("int8"), make_method("rtn"), weight, stats), heldout)
     assert quip > rtn + 2.0
 
 
 def test_quip_original_space_is_reproducible_and_seeded(layer):
     weight, stats, _ = layer
     fmt = make_format("int8")
-    a = quantize(fmt, QuIP(QuipConfig(seed=1)), weight, stats)
-    assert torch.equal(a, quantize(fmt, QuIP(QuipConfig(seed=1)), weight, stats))
-    assert not torch.equal(a, quantize(fmt, QuIP(QuipConfig(seed=2)), weight, stats))
-    assert not torch.equal(a, quantize(fmt, QuIP(QuipConfig(seed=1, hadamard=False)), weight, stats))
+    a = quantize(fmt, QuIP(QuipConfig(quip_seed=1)), weight, stats)
+    assert torch.equal(a, quantize(fmt, QuIP(QuipConfig(quip_seed=1)), weight, stats))
+    assert not torch.equal(a, quantize(fmt, QuIP(QuipConfig(quip_seed=2)), weight, stats))
+    assert not torch.equal(a, quantize(fmt, QuIP(QuipConfig(quip_seed=1, quip_hadamard=False)), weight, stats))
 
 
 @pytest.fixture
@@ -195,11 +195,11 @@ CLI_ERRORS = [
     (["--optimizer", "adamw", "--num_iter", "-1"], "--num_iter must be 0 or more"),
     (["--optimizer", "gptq", "--simple"], "--simple is round-to-nearest"),
     (["--optimizer", "quip", "--quip-store-transformed", "--fp8"], "INT8 per-row ConvRot"),
-    (["--quip-checkpointed"], "applies to --optimizer quip only"),
+    (["--quip-checkpointed"], "--quip-checkpointed applies to --optimizer quip"),
     (["--optimizer", "gptq", "--calibration-data", "nope.safetensors"], "--calibration-data nope.safetensors: no such"),
-    (["--optimizer", "gptq", "--gptq-damp", "-1"], "--gptq-damp must be in [0, 10)"),
-    (["--optimizer", "quip", "--quip-checkpoint-segments", "0"], "must be positive"),
-    (["--num_iter", "10"], "--num_iter configures learned rounding"),
+    (["--optimizer", "gptq", "--gptq-damp", "-1"], "--gptq-damp must be between 0 and 10"),
+    (["--optimizer", "quip", "--quip-checkpoint-segments", "0"], "must be 1 or more"),
+    (["--num_iter", "10"], "--num_iter applies to --optimizer original|adamw|radam"),
     (["--smoothquant"], "--smoothquant needs --calibration-data"),
 ]
 

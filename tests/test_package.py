@@ -29,7 +29,7 @@ def test_pack_init_loads_without_comfyui():
 
 
 def test_demo_converts_and_verifies_every_format(capsys):
-    from quant_core.demo import DEMO_RUNS, run_demo
+    from quant_core.cli.demo import DEMO_RUNS, run_demo
     assert run_demo([]) == 0
     out = capsys.readouterr().out
     assert out.count(" ok") == len(DEMO_RUNS) and "FAILED" not in out
@@ -40,7 +40,7 @@ def test_demo_converts_and_verifies_every_format(capsys):
 def test_verify_stays_a_function_whatever_was_imported_first():
     import subprocess
     import sys
-    code = ("import quant_core.convert, quant_core.verify, quant_core; "
+    code = ("import quant_core.pipeline, quant_core.verify, quant_core; "
             "assert callable(quant_core.verify), quant_core.verify")
     assert subprocess.run([sys.executable, "-c", code], cwd=ROOT).returncode == 0
 

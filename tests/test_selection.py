@@ -6,7 +6,7 @@ import pytest
 
 from quant_core.errors import QuantError
 from quant_core.io.reader import TensorInfo
-from quant_core.options import QuantOptions
+from quant_core.job import Job
 from quant_core.select.plan import KEEP, QUANTIZE, REMOVE, build_plan
 from quant_core.select.presets import PRESETS
 
@@ -21,7 +21,7 @@ def infos(spec):
 
 
 def plan_sets(spec, **opts):
-    plan = build_plan(infos(spec), QuantOptions(**opts).validate())
+    plan = build_plan(infos(spec), Job.build(opts))
     return ({d.key for d in plan.of(QUANTIZE)}, {d.key for d in plan.of(KEEP)}, {d.key for d in plan.of(REMOVE)}, plan)
 
 

@@ -11,7 +11,7 @@ import quant_core
 from calibration_util import record_absmax, write_calibration
 from quant_core.errors import QuantError
 from quant_core.io.reader import SafetensorsReader
-from quant_core.transform._calibration import read_calibration
+from quant_core.calib.ranges import read_calibration
 from quant_core.transform.smoothquant import build_smoothing
 
 transformers = pytest.importorskip("transformers")

@@ -5,9 +5,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from quant_core.convert import marker_tensor
-from quant_core.formats import make_format
-from quant_core.formats.base import divide_by_scale
+from quant_core.quantization.formats.markers import marker_tensor
+from quant_core.quantization.formats import make_format
+from quant_core.quantization.formats.base import divide_by_scale
 from quant_core.verify import verify_file
 
 N, K = 128, 256
@@ -76,7 +76,7 @@ def mutate(case, tensors, layers):
     elif case == "negative_scale":
         tensors[f"{L}.weight_scale"] = -tensors[f"{L}.weight_scale"]
     elif case == "unswizzled_nvfp4":
-        from quant_core.formats.blocked import from_blocked
+        from quant_core.quantization.formats.blocked import from_blocked
         swz = tensors[f"{L}.weight_scale"]
         plain = from_blocked(swz.view(torch.uint8), N, K // 16)
         tensors[f"{L}.weight_scale"] = torch.zeros_like(swz.view(torch.uint8))

@@ -58,26 +58,11 @@ class CalibrationSource:
         return self.kind == "file"
 
 
-def lora_input_directions(path: str, weight_shapes: dict[str, tuple[int, ...]], mapping=None,
-                          max_unmatched: int = 0) -> dict[str, torch.Tensor]:
-    """layer → the rows spanning the LoRA's input directions for it ([r, K]: lora_down, or ΔW's rows for the
-    LoRA kinds without a down-projection). Matching is the LoRA merger's (same key styles and --lora-mapping)."""
-    from ..lora.merge import LoraMerger
-    merger = LoraMerger([(path, 1.0)], weight_shapes, mapping=mapping, max_unmatched=max_unmatched)
-    downs = {}
-    for key, modules in merger.pending.items():
-        rows = [m.parts["lora_down.weight"].float().reshape(m.parts["lora_down.weight"].shape[0], -1)
-                if "lora_down.weight" in m.parts else m.delta().reshape(m.delta_shape()[0], -1) for m in modules]
-        downs[key[: -len(".weight")]] = torch.cat(rows)
-    return downs
-
-
-def build_source(options, weight_shapes: dict[str, tuple[int, ...]]) -> CalibrationSource:
-    """The calibration source a conversion's options ask for (file > LoRA > synthetic)."""
-    if options.calibration_data is not None:
-        return CalibrationSource("file", options.calibration_data)
-    if options.calibration_lora is not None:
-        downs = lora_input_directions(options.calibration_lora, weight_shapes, options.lora_mapping,
-                                      options.lora_max_unmatched)
-        return CalibrationSource("lora", lora_downs=downs)
+def build_source(settings, lora_downs: dict[str, torch.Tensor] | None = None) -> CalibrationSource:
+    """The calibration source a job's `CalibrationSettings` ask for: the file, else the LoRA's input directions
+    (`lora_downs`, layer → [r, K]), else synthetic inputs."""
+    if settings.calibration_data is not None:
+        return CalibrationSource("file", settings.calibration_data)
+    if settings.calibration_lora is not None:
+        return CalibrationSource("lora", lora_downs=lora_downs)
     return CalibrationSource("synthetic")

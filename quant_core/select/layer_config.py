@@ -20,7 +20,7 @@ import re
 from dataclasses import dataclass
 
 from ..errors import QuantError
-from ..formats import FORMAT_FAMILIES, Format, make_format
+from ..quantization.formats import FORMAT_FAMILIES, Format, make_format
 
 RULE_KEYS = {"match", "skip", "format", "scaling", "block_size", "convrot", "full_precision_matrix_mult"}
 SEED_KEY_ALIASES = {"scaling_mode": "scaling", "group_size": "block_size", "pattern": "match", "regex": "match",

@@ -15,13 +15,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ..errors import QuantError
-from ..formats import Format, make_format
+from ..quantization.formats import Format, make_format
 from ..io.dtypes import FLOAT_TAGS
 from ..io.reader import TensorInfo
-from ..options import QuantOptions, compile_regex
 from .layer_config import load_layer_config
 from .presets import PRESETS, poor_shape_reason
-from .rules import DEFAULT_KEEPS
+from .rules import DEFAULT_KEEPS, compile_regex
 
 QUANTIZE, KEEP, REMOVE = "quantize", "keep", "remove"
 
@@ -57,28 +56,29 @@ def is_candidate(info: TensorInfo) -> bool:
     return info.name.endswith(".weight") and len(info.shape) == 2 and info.dtype in FLOAT_TAGS
 
 
-def build_plan(infos: list[TensorInfo], options: QuantOptions) -> Plan:
-    """Decide every tensor's fate. Raises QuantError if nothing would be quantized."""
-    main = None if options.format == "fp16" else options.main_format()
-    rules = load_layer_config(options.layer_config, options) if options.layer_config is not None else []
-    exclude = compile_regex(options.exclude_layers, "--exclude-layers") if options.exclude_layers else None
-    presets = [PRESETS[name] for name in options.presets]
+def build_plan(infos: list[TensorInfo], job) -> Plan:
+    """Decide every tensor's fate for a `quant_core.job.Job` (its select and quantize settings)."""
+    main = job.main_format()
+    select = job.select
+    rules = load_layer_config(select.layer_config, job.quantize) if select.layer_config is not None else []
+    exclude = compile_regex(select.exclude_layers, "--exclude-layers") if select.exclude_layers else None
+    presets = [PRESETS[name] for name in select.presets]
     matched_rules: set[int] = set()
     decisions = {}
     for info in infos:
-        decisions[info.name] = _decide(info, options, main, rules, exclude, presets, matched_rules)
+        decisions[info.name] = _decide(info, job, main, rules, exclude, presets, matched_rules)
         decisions[info.name].dtype = info.dtype
     return Plan(decisions, [r.describe() for r in rules if r.index not in matched_rules])
 
 
-def _decide(info, options, main, rules, exclude, presets, matched_rules) -> Decision:
+def _decide(info, job, main, rules, exclude, presets, matched_rules) -> Decision:
     for preset in presets:
         if preset.removes(info.name):
             return Decision(info.name, REMOVE, f"removed by --{preset.name}")
-    if options.format == "fp16" or not is_candidate(info):
+    if main is None or not is_candidate(info):
         return Decision(info.name, KEEP, _why_not_candidate(info))
     layer = info.name[: -len(".weight")]
-    fpmm = options.full_precision_matrix_mult
+    fpmm = job.quantize.full_precision_matrix_mult
     fmt = main
     rule = next((r for r in rules if r.pattern.search(layer)), None)
     if rule is not None:
@@ -88,7 +88,7 @@ def _decide(info, options, main, rules, exclude, presets, matched_rules) -> Deci
         fmt = rule.format or main
         fpmm = fpmm if rule.full_precision_matrix_mult is None else rule.full_precision_matrix_mult
     else:
-        reason = _keep_reason(layer, info, options, exclude, presets, fmt)
+        reason = _keep_reason(layer, info, job.select, exclude, presets, fmt)
         if reason:
             return Decision(info.name, KEEP, reason)
     return _fit(info, fmt, fpmm)
@@ -102,16 +102,16 @@ def _why_not_candidate(info: TensorInfo) -> str:
     return f"{len(info.shape)}-D weight (only Linear weights are quantized)"
 
 
-def _keep_reason(layer: str, info: TensorInfo, options, exclude, presets, fmt: Format) -> str:
+def _keep_reason(layer: str, info: TensorInfo, select, exclude, presets, fmt: Format) -> str:
     if exclude is not None and exclude.search(layer):
         return "--exclude-layers"
     for preset in presets:
         if preset.keeps(info.name):
             return f"kept by --{preset.name}"
     for keep in DEFAULT_KEEPS:
-        if keep.applies(layer, options):
+        if keep.applies(layer, select):
             return keep.reason
-    if options.heur:
+    if select.heur:
         why = poor_shape_reason(info.shape, fmt.heur_block)
         if why:
             return f"--heur: {why}"

@@ -2,12 +2,14 @@
 
 Vocabulary / position tables are lookups, not matmuls (ComfyUI only reads int8/fp8 embeddings, and the saving
 is small against the quality risk). Input and output layers are tiny, sensitive, and ComfyUI reads some of their
-shapes to detect the architecture (FORMATS.md §3), which packed formats would change.
+shapes to detect the architecture (docs/FORMATS.md), which packed formats would change.
 """
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+
+from ..errors import QuantError
 
 
 @dataclass(frozen=True)
@@ -15,10 +17,10 @@ class DefaultKeep:
     name: str
     pattern: re.Pattern
     reason: str
-    override: str  # the QuantOptions flag that turns this keep off
+    override: str  # the SelectSettings field that turns this keep off
 
-    def applies(self, layer: str, options) -> bool:
-        return not getattr(options, self.override) and bool(self.pattern.search(layer))
+    def applies(self, layer: str, select) -> bool:
+        return not getattr(select, self.override) and bool(self.pattern.search(layer))
 
 
 def _names(*names: str) -> re.Pattern:
@@ -44,3 +46,11 @@ DEFAULT_KEEPS = (
         "quantize_io_layers",
     ),
 )
+
+
+def compile_regex(pattern: str, what: str) -> re.Pattern:
+    """A user's regular expression, or a one-line QuantError naming the setting `what`."""
+    try:
+        return re.compile(pattern)
+    except re.error as e:
+        raise QuantError(f"{what}: bad regular expression {pattern!r}: {e}") from None

@@ -18,7 +18,7 @@ import torch
 
 from ..errors import QuantError
 from .fold_pairs import LINEAR, NORM, fold_source, why_not_foldable
-from ._calibration import CalibrationStats
+from ..calib.ranges import CalibrationStats
 
 MIN_STAT = 1e-5  # floor of activation and weight absmax (dead channels)
 S_RANGE = (1e-5, 1e5)

@@ -12,7 +12,10 @@ from dataclasses import dataclass
 
 import torch
 
-from ..errors import QuantError
+from ...errors import QuantError
+from .columns import column_loop
+from .kernels.cuda_graph import GraphedBlock
+from .kernels.triton_sweep import block_runner
 
 
 @dataclass
@@ -28,8 +31,8 @@ def inverse_factor(hessian: torch.Tensor, damp: float) -> torch.Tensor:
     """Upper Cholesky factor U of (H + λI)⁻¹ (so (H + λI)⁻¹ = UᵀU); λ grows ×10 until H is positive definite.
 
     With P the order-reversing permutation and L the lower Cholesky factor of P(H + λI)P, U = P·L⁻¹·P: one
-    factorization and one triangular solve, instead of factorize → invert → factorize again (half the time on an
-    H100 at K = 12288: 0.075 s vs 0.151 s; the factors agree to 5e-6 relative)."""
+    factorization and one triangular solve, instead of factorize → invert → factorize again (the factors agree to
+    5e-6 relative)."""
     h = hessian.clone()
     diag = torch.diagonal(h)
     dead = diag <= 0
@@ -77,7 +80,6 @@ def _segments(k: int, config: SweepConfig) -> list[tuple[int, int]]:
 def _sweep_blocks(weights, scales, divisors, upper, round_fn, config: SweepConfig) -> torch.Tensor:
     n, k = weights.shape
     codes = torch.empty_like(weights)
-    from .ldlq_triton import block_runner
     fused = block_runner(round_fn, config.block_size, weights.device) if k > config.block_size else None
     graphed = GraphedBlock.create(n, config.block_size, round_fn, weights.device) if k > config.block_size and fused is None else None
     offload = _offloads(k, config)
@@ -107,62 +109,5 @@ def _sweep_one_block(weights, scales, divisors, codes, u_block, start, end, seg_
     block = weights[:, start:end]
     errors = torch.empty_like(block)
     local = u_block[:, start - seg_start:end - seg_start]  # [b, b] upper triangular
-    for i in range(end - start):
-        column = block[:, i]
-        code = round_fn(column / divisors[:, start + i])
-        codes[:, start + i] = code
-        error = (column - code * scales[:, start + i]) / local[i, i]
-        block[:, i:] -= error.unsqueeze(1) * local[i, i:].unsqueeze(0)
-        errors[:, i] = error
+    column_loop(block, divisors[:, start:end], scales[:, start:end], local, codes[:, start:end], errors, round_fn)
     return errors
-
-
-class GraphedBlock:
-    """The per-column loop of one full-width block, captured once as a CUDA graph and replayed for every block.
-
-    The loop is ~10 small kernels per column; at K = 12288 launching them one by one dominates the whole sweep
-    (2.7 s per 3072×12288 layer on an H100). Replaying the captured graph runs the same kernels in the same order
-    (identical codes) without the per-launch cost. CUDA only; `create` returns None where capture is not possible.
-    """
-
-    def __init__(self, n: int, width: int, round_fn, device: torch.device):
-        self.block, self.divisors, self.scales, self.codes, self.errors = (
-            torch.zeros(n, width, device=device) for _ in range(5))
-        self.divisors.fill_(1.0)
-        self.local = torch.eye(width, device=device)
-        side = torch.cuda.Stream(device)
-        side.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(side):  # warm-up outside the capture, as CUDA graphs require
-            self._loop(round_fn)
-        torch.cuda.current_stream(device).wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self._loop(round_fn)
-
-    @classmethod
-    def create(cls, n: int, width: int, round_fn, device: torch.device):
-        if device.type != "cuda":
-            return None
-        try:
-            return cls(n, width, round_fn, device)
-        except RuntimeError:  # a rounding function that cannot be captured: the eager loop does the same work
-            return None
-
-    def _loop(self, round_fn) -> None:
-        block, local = self.block, self.local
-        for i in range(block.shape[1]):
-            column = block[:, i]
-            code = round_fn(column / self.divisors[:, i])
-            self.codes[:, i] = code
-            error = (column - code * self.scales[:, i]) / local[i, i]
-            block[:, i:] -= error.unsqueeze(1) * local[i, i:].unsqueeze(0)
-            self.errors[:, i] = error
-
-    def run(self, weights, scales, divisors, codes, u_block, start, end, seg_start) -> torch.Tensor:
-        self.block.copy_(weights[:, start:end])
-        self.divisors.copy_(divisors[:, start:end])
-        self.scales.copy_(scales[:, start:end])
-        self.local.copy_(u_block[:, start - seg_start:end - seg_start])
-        self.graph.replay()
-        codes[:, start:end] = self.codes
-        return self.errors.clone()

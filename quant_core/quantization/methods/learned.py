@@ -1,14 +1,13 @@
-"""SVD learned rounding (the seed's `--optimizer original|adamw|radam`): on the format's fixed scale grid, optimize a
+"""SVD learned rounding (`--optimizer original|adamw|radam`): on the format's fixed scale grid, optimize a
 continuous perturbation of the round-to-nearest codes so that the weight error projected onto the top-k singular
 subspace of the weight, ‖U_kᵀ (Q·S − W) V_k‖_F, shrinks; then snap back onto the grid with the format's rounding.
 
-Honest note (measured in benchmarks/bench_learned.py): the final snap to the grid undoes most of the continuous
-optimization, and the projected objective is not the layer's output error on real inputs. Learned rounding therefore
-does not beat round-to-nearest on output error for any format measured; RTN stays the default.
+The final snap to the grid undoes most of the continuous optimization, and the projected objective is not the
+layer's output error on real inputs; docs/METHODS.md has the measurements against round-to-nearest.
 
-Speed: the seed's `original` optimizer steps along the normalized projected error, which keeps every iterate on the
-line E₀ − c·U_kU_kᵀE₀V_kV_kᵀ; its whole schedule is run on the scalar c (no matrix work per iteration) and the
-result applied once — the same iterates as the seed's loop, without its minutes per layer. AdamW/RAdam are
+The `original` optimizer steps along the normalized projected error, which keeps every iterate on the line
+E₀ − c·U_kU_kᵀE₀V_kV_kᵀ; its whole schedule is run on the scalar c (no matrix work per iteration) and the result
+applied once: the same iterates as a loop over the matrix, without its minutes per layer. AdamW/RAdam are
 element-wise, so they run the full projected gradient per iteration, vectorized, on the layer's device.
 """
 from __future__ import annotations
@@ -18,7 +17,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ..errors import QuantError
+from ...declare import option
+from ...errors import QuantError
 from ..formats.base import Format, Grid, divide_by_scale
 from .rtn import RoundToNearest
 
@@ -26,54 +26,74 @@ OPTIMIZERS = ("original", "adamw", "radam")
 SCHEDULES = ("adaptive", "exponential", "plateau")
 ADAPTIVE_MODES = ("simple-reset", "no-reset")
 THRESHOLD_MODES = ("rel", "abs")
-# Said in --help, in every run's output and in the JSON report (numbers: README, benchmarks/bench_learned.py).
-VERDICT = ("learned rounding does not beat round-to-nearest on output error for any format measured "
-           "(all-MiniLM-L6-v2, held-out sentences: ties at best, up to 0.64 dB worse); RTN is the default")
+BF16_MODES = ("auto", "on", "off")
 ADAPTIVE_BOOST = 1.25  # the seed's base LR boost on an improvement
 ADAPTIVE_MAX_DECAY = 0.995
 MAX_LR = 100.0
 
 
+def _schedule_is(*schedules: str):
+    """`needs` of a setting that only one or two learning-rate schedules read."""
+    def needs(settings: dict) -> str | None:
+        if settings["lr_schedule"] not in schedules:
+            return f"applies to --lr_schedule {' or '.join(schedules)} (the schedule is {settings['lr_schedule']})"
+        return None
+    return needs
+
+
+def _bf16_auto(settings: dict) -> str | None:
+    return None if settings["bf16_compute"] == "auto" else "applies to --bf16-compute auto"
+
+
 @dataclass
 class LearnedConfig:
-    """Learned rounding settings; names and defaults are the seed manual's (units: lr in weight units per step for
-    `original`, in code units for adamw/radam; thresholds on the projected loss ‖·‖_F)."""
+    """Learned rounding (--optimizer original|adamw|radam). Units: lr in weight units per step for `original`, in
+    code units for adamw/radam; thresholds on the projected loss ‖·‖_F."""
 
-    optimizer: str = "original"
-    num_iter: int = 1000
-    lr: float = 0.008077
-    lr_schedule: str = "adaptive"
-    lr_gamma: float = 0.99  # exponential: decay per step
-    lr_patience: int = 9  # plateau: steps without improvement before a decay
-    lr_factor: float = 0.92  # plateau/adaptive: decay factor
-    lr_min: float = 1e-10  # plateau/exponential: lower bound
-    lr_cooldown: int = 6  # plateau: steps after a decay; adaptive: decay every this many steps
-    lr_threshold: float = 0.0  # minimum improvement that counts
-    lr_adaptive_mode: str = "simple-reset"
-    lr_shape_influence: float = 1.0  # plateau: elongated weights decay faster (0 = off)
-    lr_threshold_mode: str = "rel"
-    early_stop_loss: float = 1e-8
-    early_stop_lr: float = 1e-10
-    early_stop_stall: int = 1000
-    top_p: float = 0.2  # share of the rank used as k
-    min_k: int = 64
-    max_k: int = 1024
-    full_matrix: bool = False  # full SVD instead of the randomized low-rank one
+    optimizer: str = option("original", help="the optimizer (CLI: --optimizer original|adamw|radam)",
+                            choices=OPTIMIZERS)
+    num_iter: int = option(1000, "--num_iter", "--num-iter", help="maximum iterations per layer", low=0)
+    lr: float = option(0.008077, "--lr", help="initial learning rate", low=1e-30)
+    lr_schedule: str = option("adaptive", "--lr_schedule", "--lr-schedule", help="learning-rate schedule",
+                              choices=SCHEDULES)
+    lr_gamma: float = option(0.99, "--lr_gamma", "--lr-gamma", help="decay per step", low=1e-30,
+                             needs=_schedule_is("exponential"))
+    lr_patience: int = option(9, "--lr_patience", "--lr-patience", low=0,
+                              help="steps without improvement before a decay", needs=_schedule_is("plateau"))
+    lr_factor: float = option(0.92, "--lr_factor", "--lr-factor", help="decay factor", low=1e-30,
+                              needs=_schedule_is("plateau", "adaptive"))
+    lr_min: float = option(1e-10, "--lr_min", "--lr-min", help="lower bound of the learning rate",
+                           needs=_schedule_is("plateau", "exponential"))
+    lr_cooldown: int = option(6, "--lr_cooldown", "--lr-cooldown", low=0,
+                              help="plateau: steps after a decay before watching again; adaptive: decay every N "
+                                   "stalled steps", needs=_schedule_is("plateau", "adaptive"))
+    lr_threshold: float = option(0.0, "--lr_threshold", "--lr-threshold", help="minimum improvement that counts")
+    lr_adaptive_mode: str = option("simple-reset", "--lr_adaptive_mode", "--lr-adaptive-mode", choices=ADAPTIVE_MODES,
+                                   help="simple-reset (the stall counter restarts at each improvement) or no-reset",
+                                   needs=_schedule_is("adaptive"))
+    lr_shape_influence: float = option(1.0, "--lr-shape-influence", "--lr_shape_influence",
+                                       help="elongated weights decay faster: factor^sqrt(aspect) blended by this "
+                                            "(0 = off)", needs=_schedule_is("plateau"))
+    lr_threshold_mode: str = option("rel", "--lr-threshold-mode", "--lr_threshold_mode", choices=THRESHOLD_MODES,
+                                    help="--lr_threshold relative to the best loss (rel) or absolute (abs)")
+    early_stop_loss: float = option(1e-8, "--early-stop-loss", "--early_stop_loss",
+                                    help="stop when the loss is below this")
+    early_stop_lr: float = option(1e-10, "--early-stop-lr", "--early_stop_lr", help="stop when the LR is below this")
+    early_stop_stall: int = option(1000, "--early-stop-stall", "--early_stop_stall", low=0,
+                                   help="stop after this many steps without improvement")
+    top_p: float = option(0.2, "--top_p", "--top-p", help="share of the rank used as k singular directions",
+                          low=1e-30, high=1.0)
+    min_k: int = option(64, "--min_k", "--min-k", help="minimum k", low=0)
+    max_k: int = option(1024, "--max_k", "--max-k", help="maximum k", low=0)
+    full_matrix: bool = option(False, "--full_matrix", "--full-matrix",
+                               help="exact SVD instead of the randomized low-rank one")
+    bf16_compute: str = option("auto", "--bf16-compute", choices=BF16_MODES,
+                               help="bf16 for the projections: auto (CUDA with bf16, layers of at least "
+                                    "--bf16-threshold elements), on (every layer, any device), off")
+    bf16_threshold: int = option(1_000_000, "--bf16-threshold", metavar="ELEMENTS", low=0, needs=_bf16_auto,
+                                 help="--bf16-compute auto: smallest layer computed in bf16")
 
     def validate(self) -> "LearnedConfig":
-        for name, allowed in (("optimizer", OPTIMIZERS), ("lr_schedule", SCHEDULES),
-                              ("lr_adaptive_mode", ADAPTIVE_MODES), ("lr_threshold_mode", THRESHOLD_MODES)):
-            if getattr(self, name) not in allowed:
-                raise QuantError(f"--{name}: {getattr(self, name)!r} is not one of {', '.join(allowed)}")
-        for name in ("num_iter", "lr_patience", "lr_cooldown", "early_stop_stall", "min_k", "max_k"):
-            if getattr(self, name) < 0:
-                raise QuantError(f"--{name} must be 0 or more, got {getattr(self, name)}")
-        for name in ("lr", "lr_gamma", "lr_factor", "top_p"):
-            value = getattr(self, name)
-            if not (math.isfinite(value) and value > 0):
-                raise QuantError(f"--{name} must be a positive number, got {value}")
-        if self.top_p > 1:
-            raise QuantError(f"--top_p is a share of the rank (0 < p <= 1), got {self.top_p}")
         if self.min_k > self.max_k:
             raise QuantError(f"--min_k {self.min_k} is above --max_k {self.max_k}")
         return self

@@ -8,9 +8,9 @@ import tempfile
 
 import torch
 
-from .convert import convert
-from .options import QuantOptions
-from .verify import verify_file
+from ..pipeline import convert
+from ..job import Job
+from ..verify import verify_file
 
 DEMO_RUNS = [  # (label, options)
     ("int8 per-row (default)", dict(format="int8")),
@@ -67,7 +67,7 @@ def run_demo(argv: list[str]) -> int:
         failures = 0
         for label, opts in DEMO_RUNS:
             out = os.path.join(folder, f"flux_demo_{label.split()[0]}_{len(opts)}_{opts.get('scaling_mode', '')}.safetensors")
-            result = convert(source, out, QuantOptions(progress=False, overwrite=True, **opts))
+            result = convert(source, out, Job.build(dict(progress=False, overwrite=True, **opts)))
             check = verify_file(out, reference=source)
             failures += not check.ok
             layers = result.report.layers

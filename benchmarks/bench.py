@@ -1,4 +1,4 @@
-"""`python -m quant_core bench`: this tool next to convert-to-quant (`ctq`) on one synthetic Flux-shaped checkpoint.
+"""`python benchmarks/bench.py`: this tool next to convert-to-quant (`ctq`) on one synthetic Flux-shaped checkpoint.
 
 Builds a bf16 checkpoint with Flux-dev's layer shapes (19 double + 38 single blocks by default: 11.9 B parameters,
 23.8 GB; outlier input channels as in real weights), measures the machine's serial I/O floor with `dd` (read the input
@@ -9,7 +9,7 @@ used memory above its idle level while the child ran, sampled through NVML or nv
 (the same sample of layers of every output rebuilt through comfy-kitchen and compared with the input), then the
 ratios. Every output is fsynced before its atomic rename (ours) and removed after it is measured.
 
-    python -m quant_core bench [--blocks 19,38 | --size-gb 2.5] [--ctq PATH] [--workdir DIR] [--methods rtn,gptq]
+    python benchmarks/bench.py [--blocks 19,38 | --size-gb 2.5] [--ctq PATH] [--workdir DIR] [--methods rtn,gptq]
 """
 from __future__ import annotations
 
@@ -73,7 +73,7 @@ def build_checkpoint(path: str, double: int, single: int) -> None:
     """Write the checkpoint tensor by tensor (never the whole model in memory); weights drawn on the GPU if any."""
     import torch
 
-    from .io import StreamingWriter, header_reserve
+    from quant_core.io import StreamingWriter, header_reserve
     shapes, norms = flux_layers(double, single)
     entries = [(f"{l}.{p}", "BF16", s if p == "weight" else (s[0],)) for l, s in shapes.items() for p in ("weight", "bias")]
     entries += [(name, "BF16", (128,)) for name in norms]
@@ -255,9 +255,9 @@ def run_child(run: Run, cwd: str, log) -> None:
 
 def sampled_sqnr(output: str, source: str, layers: list[str]) -> float:
     """Mean weight SQNR (dB) over `layers`, each rebuilt from `output` through comfy-kitchen (or the legacy rules)."""
-    from .io.reader import SafetensorsReader
-    from .report import safe_norm
-    from .verify import MARKER, rebuild_layer
+    from quant_core.io.reader import SafetensorsReader
+    from quant_core.report import safe_norm
+    from quant_core.verify import MARKER, rebuild_layer
     values = []
     with SafetensorsReader(output) as out, SafetensorsReader(source) as src:
         keys = set(out.keys())
@@ -307,7 +307,7 @@ def plan_runs(source: str, workdir: str, ctq: str | None, formats: list[str], me
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m quant_core bench", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python benchmarks/bench.py", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     size = parser.add_mutually_exclusive_group()
     size.add_argument("--blocks", default=None, help="double,single blocks (default 19,38: Flux-dev, 23.8 GB)")
@@ -453,3 +453,7 @@ def ratios(runs: list[Run], floor: dict | None, size: int, largest: int) -> list
             lines.append(f"{fmt} --low-memory: peak RSS {r.rss_gb:.2f} GB vs 1.5 GB + largest tensor "
                          f"({largest * 2 / 1e9:.2f} GB bf16) = {budget:.2f} GB")
     return lines
+
+
+if __name__ == "__main__":
+    sys.exit(main())

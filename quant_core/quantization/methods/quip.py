@@ -4,7 +4,7 @@ The weight and the Hessian are rotated by an orthogonal T (random signs, then a 
 orthogonal matrix with `hadamard=False`), so that no weight or input direction stands out; LDLQ (the GPTQ sweep)
 then chooses codes in the rotated basis. Two ways to store the result:
 
-- original space (default, as the seed): Ŵ_T is rotated back and re-quantized by round-to-nearest on the format's
+- original space (the default): Ŵ_T is rotated back and re-quantized by round-to-nearest on the format's
   own grid. ComfyUI loads it as any file of that format, but the second rounding adds a full RTN-sized error on
   top of LDLQ's: most of what LDLQ bought is lost (the bench script measures how much).
 - ConvRot (`--quip-store-transformed`): T is the block Hadamard ComfyUI applies to the activations online (no random
@@ -14,25 +14,50 @@ then chooses codes in the rotated basis. Two ways to store the result:
 from __future__ import annotations
 
 import zlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
-from ..calib.stats import InputStats
+from ...calib.stats import InputStats
 from ..formats.base import Format, Grid, divide_by_scale
 from ..formats.int8 import Int8Tensorwise
-from .gptq import GPTQ, GPTQConfig
-from .ldlq import SweepConfig
+from ...declare import option
+from .gptq import GPTQ, GPTQConfig, SweepSettings
+from .sweep import SweepConfig
 
 MAX_HADAMARD = 1024  # largest Hadamard block of the original-space transform
 
 
+def _checkpointed(settings: dict) -> str | None:
+    return None if settings["quip_checkpointed"] else "applies with --quip-checkpointed"
+
+
 @dataclass
-class QuipConfig:
-    seed: int = 0  # random signs / orthogonal matrices (mixed with a hash of the layer name)
-    hadamard: bool = True  # block Hadamard with random signs; False: a random orthogonal matrix (QR, O(K³))
-    sweep: SweepConfig = field(default_factory=SweepConfig)
-    scale_search: bool = True
+class QuipConfig(SweepSettings):
+    """QuIP (--optimizer quip)."""
+
+    quip_seed: int = option(0, "--quip-seed", help="seed of the random signs / orthogonal matrices (mixed with a "
+                                                   "hash of the layer name)")
+    quip_hadamard: bool = option(True, "--quip-hadamard", negatable=True,
+                                 help="incoherence by a randomized block Hadamard, or (--no-quip-hadamard) a random "
+                                      "orthogonal matrix (QR, O(K³))")
+    quip_actorder: bool = option(True, "--quip-actorder", negatable=True, help="activation order in the LDLQ sweep")
+    quip_store_transformed: bool = option(
+        False, "--quip-store-transformed",
+        help="store the weights in ComfyUI's ConvRot form (INT8 per-row + block Hadamard of --convrot-group-size, "
+             "applied by ComfyUI online): no second rounding, stock loader")
+    quip_checkpointed: bool = option(False, "--quip-checkpointed",
+                                     help="keep the inverse-Hessian factor on the CPU during the sweep for large "
+                                          "layers (less GPU memory)")
+    quip_checkpoint_threshold: int = option(8192, "--quip-checkpoint-threshold", low=1, needs=_checkpointed,
+                                            help="input features at or above which --quip-checkpointed applies")
+    quip_checkpoint_segments: int = option(4, "--quip-checkpoint-segments", low=1, needs=_checkpointed,
+                                           help="row segments of the factor moved to the GPU one at a time")
+
+    def sweep_config(self) -> SweepConfig:
+        segments = self.quip_checkpoint_segments if self.quip_checkpointed else 1
+        return SweepConfig(self.gptq_damp, self.gptq_block_size, self.quip_actorder, segments,
+                           self.quip_checkpoint_threshold)
 
 
 def sylvester_hadamard(size: int, device=None) -> torch.Tensor:
@@ -52,8 +77,8 @@ class Incoherence:
     """x ↦ x·T with T orthogonal [K, K]: T = diag(signs)·blockdiag(Hadamard) or a random orthogonal matrix."""
 
     def __init__(self, k: int, config: QuipConfig, layer: str, device):
-        gen = torch.Generator().manual_seed((config.seed * 1_000_003 + zlib.crc32(layer.encode())) % 2**63)
-        if config.hadamard:
+        gen = torch.Generator().manual_seed((config.quip_seed * 1_000_003 + zlib.crc32(layer.encode())) % 2**63)
+        if config.quip_hadamard:
             self.signs = (torch.randint(0, 2, (k,), generator=gen) * 2 - 1).float().to(device)
             self.block = sylvester_hadamard(hadamard_block(k), device)
             self.matrix = None
@@ -84,7 +109,7 @@ class QuIP:
 
     def __init__(self, config: QuipConfig | None = None):
         self.config = config or QuipConfig()
-        self._ldlq = GPTQ(GPTQConfig(self.config.sweep, self.config.scale_search))
+        self._ldlq = GPTQ(GPTQConfig(scale_search=self.config.scale_search), self.config.sweep_config())
 
     def codes(self, fmt: Format, grid: Grid, layer: str, stats: InputStats | None = None) -> torch.Tensor:
         if isinstance(fmt, Int8Tensorwise) and fmt.convrot_group:

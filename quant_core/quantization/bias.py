@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import torch
 
-from ..formats.base import Format
-from ..methods.rtn import RoundToNearest
+from .formats.base import Format
+from .methods.rtn import RoundToNearest
 from ..report import output_sqnr_db
-from .stats import InputStats
-from .source import CalibrationSource
+from ..calib.stats import InputStats
+from ..calib.source import CalibrationSource
 
 
 class LayerCalibration:

@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import torch
 
-from ..calib.file import CalibrationFile
-from ..calib.stats import InputStats
+from .file import CalibrationFile
+from .stats import InputStats
 
 
 class CalibrationStats:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from ._calibration import CalibrationStats
+from ..calib.ranges import CalibrationStats
 
 ACTIVATION_CODE_MAX = {"float8_e4m3fn": 448.0, "float8_e5m2": 57344.0, "nvfp4": 448.0 * 6.0}
 

@@ -16,16 +16,16 @@ import torch
 
 from ..errors import QuantError
 from ..io.reader import SafetensorsReader
-from .file import save_calibration
-from .record import record_activation_stats
-from .stats import InputStats
+from ..calib.file import save_calibration
+from ..calib.record import record_activation_stats
+from ..calib.stats import InputStats
 
 E4M3_MAX = 448.0
 SYNTHETIC_BATCH = 16  # samples per call (a call is the unit --heldout-every counts)
 
 
 def build_parser():
-    from ..cli import OneLineParser
+    from .parser import OneLineParser
     p = OneLineParser(prog="calibrate_activation_scales",
                       description="Record per-layer input statistics (FORMATS.md §4) for GPTQ/QuIP/bias correction.")
     p.add_argument("-i", "--input", required=True, help="model .safetensors")

@@ -1,0 +1,131 @@
+"""The quantize stage for one layer: which device computes it, the method on the format's grid, the marker, and
+the layer's error statistics."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+
+import torch
+
+from ..errors import QuantError
+from ..report import layer_stats
+from ..select.plan import KEEP, Decision
+from .bias import LayerCalibration
+from .formats import Format
+from .formats.markers import MARKER_SUFFIX, marker_tensor
+
+# --streaming-mode: layers with more weight elements than this are quantized on the CPU when the device is CUDA
+STREAMING_THRESHOLDS = {"off": math.inf, "minimal": 100_000_000, "balanced": 50_000_000, "aggressive": 25_000_000}
+AUTO_WORKING_COPIES = 16  # --streaming-mode auto: a layer may take ~16 fp32 copies of its weight on the GPU
+
+
+def pick_device(settings) -> torch.device:
+    """The device a job's `DeviceSettings` ask for."""
+    if settings.low_memory or settings.device == "cpu":
+        return torch.device("cpu")
+    if settings.device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if settings.device.startswith("cuda") and not torch.cuda.is_available():
+        raise QuantError(f"--device {settings.device}: CUDA is not available on this machine")
+    try:
+        return torch.device(settings.device)
+    except RuntimeError:
+        raise QuantError(f"--device: unknown device {settings.device!r} (auto, cpu, cuda, cuda:N)") from None
+
+
+def streaming_threshold(settings, device: torch.device) -> float:
+    """Weight elements above which a layer is quantized on the CPU although the device is CUDA."""
+    if settings.no_memory_limits or device.type != "cuda":
+        return math.inf
+    if settings.cpu_threshold is not None:
+        return settings.cpu_threshold
+    if settings.streaming_mode != "auto":
+        return STREAMING_THRESHOLDS[settings.streaming_mode]
+    free, _ = torch.cuda.mem_get_info(device)
+    return free / (4 * AUTO_WORKING_COPIES)
+
+
+def compute_dtype(numel: int, device: torch.device, config) -> torch.dtype:
+    """--bf16-compute of learned rounding: the dtype of its matrix products for a layer of `numel` elements."""
+    if config.bf16_compute == "off":
+        return torch.float32
+    bf16_ok = device.type != "cuda" or torch.cuda.is_bf16_supported()
+    if config.bf16_compute == "on":
+        return torch.bfloat16 if bf16_ok else torch.float32
+    return torch.bfloat16 if device.type == "cuda" and bf16_ok and numel >= config.bf16_threshold else torch.float32
+
+
+@dataclass
+class LayerRun:
+    """How each layer is computed: method, device (with the streaming threshold), bf16, OOM fallback."""
+
+    method: object
+    device: torch.device
+    no_memory_limits: bool
+    path: str
+    cpu_above: float  # weight elements above which the layer runs on the CPU
+    notes: list
+
+    def device_for(self, numel: int) -> torch.device:
+        return torch.device("cpu") if numel > self.cpu_above else self.device
+
+    def compute(self, decision: Decision, tensor: torch.Tensor, stats=None):
+        """(tensors to write, fp32 weight, fp32 reconstruction) on the layer's device; an out-of-memory error on
+        CUDA retries the layer on the CPU (unless --no-memory-limits) and says so."""
+        device = self.device_for(tensor.numel())
+        try:
+            return self._compute_on(device, decision, tensor, stats)
+        except torch.cuda.OutOfMemoryError:
+            if device.type == "cpu":
+                raise
+            if self.no_memory_limits:
+                raise QuantError(f"{self.path}: layer {decision.layer}: CUDA out of memory (--no-memory-limits: "
+                                 "no CPU retry); drop --no-memory-limits or use --streaming-mode aggressive") from None
+            torch.cuda.empty_cache()
+            self.notes.append(f"{decision.layer}: CUDA out of memory; quantized on the CPU instead")
+            return self._compute_on(torch.device("cpu"), decision, tensor, stats)
+
+    def _compute_on(self, device: torch.device, decision: Decision, tensor: torch.Tensor, stats):
+        weight = tensor.to(device=device, dtype=torch.float32, non_blocking=True)
+        fmt: Format = decision.format
+        if hasattr(self.method, "compute_dtype"):
+            self.method.compute_dtype = compute_dtype(tensor.numel(), device, self.method.config)
+        grid = fmt.grid(weight)
+        codes = self.method.codes(fmt, grid, decision.layer, stats)
+        packed = fmt.pack(codes, grid)
+        return packed, weight, fmt.reconstruct(codes, grid)
+
+
+def count_nonfinite(tensor: torch.Tensor) -> int:
+    """NaN/Inf values of a tensor. One cheap pass: they propagate into the sum (which can also overflow on huge
+    finite values: then count)."""
+    return 0 if math.isfinite(float(tensor.sum(dtype=torch.float32))) else int((~torch.isfinite(tensor)).sum())
+
+
+def quantize_layer(decision: Decision, tensor: torch.Tensor, writer, run: LayerRun, calibration: LayerCalibration,
+                   allow_nonfinite: bool, input_scale: torch.Tensor | None = None):
+    """Quantize and write one layer. Returns (marker conf, stats), or (None, why) if it was kept instead."""
+    bad = count_nonfinite(tensor)
+    if bad:
+        if not allow_nonfinite:
+            raise QuantError(f"{run.path}: layer {decision.layer} has {bad} NaN/Inf values; fix the checkpoint or "
+                             "pass --allow-nonfinite to keep such layers in high precision")
+        writer.add(decision.key, tensor)
+        decision.action, decision.reason = KEEP, f"{bad} NaN/Inf values (--allow-nonfinite: kept in high precision)"
+        return None, decision.reason
+    stats, source_note = calibration.stats(decision.layer, tensor.shape[1])
+    if stats is None and run.method.needs_stats:
+        source_note = f"{source_note}: round-to-nearest"
+    packed, weight, rebuilt = run.compute(decision, tensor, stats)
+    for suffix, value in packed.items():
+        writer.add(f"{decision.layer}.{suffix}", value)
+    if input_scale is not None:
+        writer.add(f"{decision.layer}.input_scale", input_scale)
+    fmt: Format = decision.format
+    conf = dict(fmt.marker(), orig_dtype=str(tensor.dtype).removeprefix("torch."))
+    if decision.full_precision_matrix_mult:
+        conf["full_precision_matrix_mult"] = True
+    writer.add(f"{decision.layer}.{MARKER_SUFFIX}", marker_tensor(conf))
+    extra = calibration.after_layer(decision.layer, fmt, weight, rebuilt, stats)
+    extra["calibration"] = "; ".join(filter(None, (source_note, extra.get("calibration"))))
+    return conf, replace(layer_stats(decision.layer, fmt, weight, rebuilt, decision.reason), **extra)
