@@ -126,3 +126,25 @@ def _add_spellings(parser) -> None:
 
 def _dest(flag: str) -> str:
     return "flag_" + flag.lstrip("-").replace("-", "_")
+
+
+def flags_table() -> str:
+    """The README's table of every conversion flag (Markdown), derived from the parser itself."""
+    parser = build_convert_parser("convert_to_quant", "", "", "")
+    rows = ["| flag | setting | what it does |", "|---|---|---|"]
+    for action in parser._actions:
+        if not action.option_strings or action.dest == "help":
+            continue
+        flags = ", ".join(f"`{flag}`" for flag in action.option_strings)
+        if isinstance(action, argparse.BooleanOptionalAction):
+            flags = ", ".join(f"`{flag}`" for flag in action.option_strings)
+        setting = f"`{action.dest}`" if action.dest in _setting_names() else ""
+        text = (action.help or "").replace("|", "\\|")
+        if action.choices:
+            text += f" (one of: {', '.join(map(str, action.choices))})"
+        rows.append(f"| {flags} | {setting} | {text} |")
+    return "\n".join(rows)
+
+
+def _setting_names() -> set[str]:
+    return {name for cls in STAGES + METHOD_CONFIGS for name in specs(cls)}

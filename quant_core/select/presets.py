@@ -1,14 +1,14 @@
-"""The seed's model presets: one table of what each keeps in high precision or removes.
+"""The model presets of convert-to-quant: one table of what each keeps in high precision or removes.
 
-Matching follows the seed exactly: a pattern is a plain, case-sensitive substring of the full tensor key
-(`double_blocks.0.img_in.weight`), so the lists below can be compared with the seed's line by line.
+Matching follows convert-to-quant exactly: a pattern is a plain, case-sensitive substring of the full tensor key
+(`double_blocks.0.img_in.weight`), so the lists below can be compared with its lists line by line.
 `only` (for --lora) restricts quantization to matching keys instead.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-# Layers the seed keeps for its text-encoder and video presets (norms, biases, embeddings, encoders, adapters).
+# Layers convert-to-quant keeps for its text-encoder and video presets (norms, biases, embeddings, encoders, adapters).
 AVOID_KEY_NAMES = (
     "norm", "bias", "embed_tokens", "lm_head", "shared", "patch_embedding", "audio_model.patch_embedding", "ref_conv",
     "control_adapter", "motion_encoder.enc.net_app", "face_encoder.conv", "pose_patch_embedding",
@@ -87,7 +87,7 @@ MAX_ASPECT_RATIO = 64
 
 def poor_shape_reason(shape: tuple[int, int], block: int) -> str:
     """Why `--heur` keeps an [N, K] weight unquantized ('' if it is fine). `block` is the format's natural block
-    (16 for int8/fp8/nvfp4, 32 for mxfp8, the tile size of block modes): the seed's rule, plus the aspect-ratio
+    (16 for int8/fp8/nvfp4, 32 for mxfp8, the tile size of block modes): convert-to-quant's rule, plus the aspect-ratio
     check its manual promises."""
     n, k = shape
     if n < block or k < block:

@@ -27,7 +27,7 @@ SCHEDULES = ("adaptive", "exponential", "plateau")
 ADAPTIVE_MODES = ("simple-reset", "no-reset")
 THRESHOLD_MODES = ("rel", "abs")
 BF16_MODES = ("auto", "on", "off")
-ADAPTIVE_BOOST = 1.25  # the seed's base LR boost on an improvement
+ADAPTIVE_BOOST = 1.25  # convert-to-quant's base LR boost on an improvement
 ADAPTIVE_MAX_DECAY = 0.995
 MAX_LR = 100.0
 
@@ -42,7 +42,11 @@ def _schedule_is(*schedules: str):
 
 
 def _bf16_auto(settings: dict) -> str | None:
-    return None if settings["bf16_compute"] == "auto" else "applies to --bf16-compute auto"
+    if settings["bf16_compute"] != "auto":
+        return "applies to --bf16-compute auto"
+    if settings["low_memory"] or settings["device"] == "cpu":
+        return "applies to a CUDA device (--bf16-compute auto computes in fp32 on the CPU)"
+    return None
 
 
 @dataclass
@@ -105,7 +109,7 @@ class LearnedConfig:
 
 
 class LrSchedule:
-    """The seed's learning-rate schedules, early stopping and improvement test, one step per loss value."""
+    """convert-to-quant's learning-rate schedules, early stopping and improvement test, one step per loss value."""
 
     def __init__(self, config: LearnedConfig, shape: tuple[int, int]):
         self.c = config
@@ -191,7 +195,7 @@ class LearnedRounding:
     """`codes(fmt, grid, layer)` for any format: RTN codes moved by the optimized perturbation, snapped to the grid."""
 
     name = "learned"
-    needs_stats = False  # the seed's objective is the weight error in the top singular subspace, no inputs
+    needs_stats = False  # the objective is the weight error in the top singular subspace, no inputs
 
     def __init__(self, config: LearnedConfig | None = None):
         self.config = (config or LearnedConfig()).validate()
@@ -216,7 +220,7 @@ class LearnedRounding:
         return (u.T.to(dtype) @ error.to(dtype) @ v.to(dtype)).float()
 
     def _original(self, rtn: torch.Tensor, grid: Grid, u, v) -> torch.Tensor:
-        """The seed's step Q ← Q − lr·(U P̂ Vᵀ)/S moves the error by −lr·U P̂ Vᵀ, so P_t = c_t·P₀ with
+        """The step Q ← Q − lr·(U P̂ Vᵀ)/S moves the error by −lr·U P̂ Vᵀ, so P_t = c_t·P₀ with
         c ← c − lr·sign(c)/‖P₀‖. Run the schedule on c; apply the best c once."""
         p0 = self._projected_error(rtn, grid, u, v)
         loss0 = float(torch.linalg.matrix_norm(p0))
