@@ -12,7 +12,7 @@ each with its declaration (default, help, allowed values), and `quant_core.Job.b
 """
 from __future__ import annotations
 
-__version__ = "0.1.0"
+from .version import __version__
 
 
 def quantize(input: str, output: str | None = None, on_layer=None, **settings):
@@ -51,6 +51,9 @@ def __getattr__(name: str):
     if name in ("verify_file", "VerifyResult"):
         from . import verify as verify_module
         return getattr(verify_module, name)
+    if name == "sqnr_from_rel_error":
+        from .report import sqnr_from_rel_error
+        return sqnr_from_rel_error
     if name == "check_lora":
         from .transform.lora.merge import check_lora
         return check_lora
@@ -61,5 +64,5 @@ def __getattr__(name: str):
 
 
 __all__ = ["quantize", "verify", "Job", "SETTINGS", "QuantError", "PRESETS", "METHODS", "convert", "ConvertResult",
-           "verify_file", "VerifyResult", "check_lora", "combine_settings", "given_by_value", "KEEP", "QUANTIZE",
-           "__version__"]
+           "verify_file", "VerifyResult", "sqnr_from_rel_error", "check_lora", "combine_settings", "given_by_value",
+           "KEEP", "QUANTIZE", "__version__"]

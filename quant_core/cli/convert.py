@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import sys
 
-from .. import __version__
+from ..version import __version__
 from ..errors import QuantError
 from ..job import Job
 from ..quantization.methods.learned import OPTIMIZERS as LEARNED_OPTIMIZERS

@@ -59,42 +59,8 @@ class DeviceFeed:
         room = threading.Condition()
         state = {"inflight": 0, "stop": False}
         file = open(self.reader.path, "rb", buffering=0)  # this thread's own handle: no shared file position
-        fd = file.fileno()
-
-        def produce():
-            try:
-                advised = 0  # file offset up to which the kernel was asked to read ahead
-                if keys:  # the disk starts before CUDA is initialized
-                    advised = self.reader.info(keys[0]).start + 2 * READ_AHEAD_BYTES
-                    _will_need(fd, 0, advised)
-                torch.cuda.set_device(self.device)
-                stream = torch.cuda.Stream(self.device)
-                ring = PinnedRing(self.slots, self.slot_bytes, self.device)
-                for key in keys:
-                    if state["stop"]:
-                        return
-                    info = self.reader.info(key)
-                    if advised < info.end + READ_AHEAD_BYTES:
-                        start = max(advised, info.start)
-                        advised = info.end + 2 * READ_AHEAD_BYTES
-                        _will_need(fd, start, advised - start)
-                    if key not in to_device:
-                        ready.put((key, self.reader.get_tensor(key), None, 0))
-                        continue
-                    size = info.nbytes
-                    with room:
-                        room.wait_for(lambda: state["stop"] or state["inflight"] == 0  # noqa: B023 (called here)
-                                      or state["inflight"] + size <= self.ahead)  # noqa: B023
-                        if state["stop"]:
-                            return
-                        state["inflight"] += size
-                    tensor, done = self._load(file, info, ring, stream)
-                    ready.put((key, tensor, done, info.nbytes))
-            except BaseException as e:  # handed to the consumer, which re-raises it
-                ready.put(e)
-            ready.put(None)
-
-        thread = threading.Thread(target=produce, name="safetensors-device-feed", daemon=True)
+        thread = threading.Thread(target=self._produce, args=(keys, to_device, file, ready, room, state),
+                                  name="safetensors-device-feed", daemon=True)
         thread.start()
         try:
             current = torch.cuda.current_stream(self.device)
@@ -122,6 +88,43 @@ class DeviceFeed:
                     pass
             thread.join()
             file.close()
+
+    def _produce(self, keys: list[str], to_device: set[str], file, ready: queue.Queue, room: threading.Condition,
+                 state: dict) -> None:
+        """The reader thread: hands (key, tensor, copy event, bytes) to `ready` in order, at most `ahead` bytes of
+        device tensors beyond what the consumer released; then None (or the exception it met)."""
+        fd = file.fileno()
+        try:
+            advised = 0  # file offset up to which the kernel was asked to read ahead
+            if keys:  # the disk starts before CUDA is initialized
+                advised = self.reader.info(keys[0]).start + 2 * READ_AHEAD_BYTES
+                _will_need(fd, 0, advised)
+            torch.cuda.set_device(self.device)
+            stream = torch.cuda.Stream(self.device)
+            ring = PinnedRing(self.slots, self.slot_bytes, self.device)
+            for key in keys:
+                if state["stop"]:
+                    return
+                info = self.reader.info(key)
+                if advised < info.end + READ_AHEAD_BYTES:
+                    start = max(advised, info.start)
+                    advised = info.end + 2 * READ_AHEAD_BYTES
+                    _will_need(fd, start, advised - start)
+                if key not in to_device:
+                    ready.put((key, self.reader.get_tensor(key), None, 0))
+                    continue
+                size = info.nbytes
+                with room:
+                    room.wait_for(lambda: state["stop"] or state["inflight"] == 0  # noqa: B023 (called here)
+                                  or state["inflight"] + size <= self.ahead)  # noqa: B023
+                    if state["stop"]:
+                        return
+                    state["inflight"] += size
+                tensor, done = self._load(file, info, ring, stream)
+                ready.put((key, tensor, done, info.nbytes))
+        except BaseException as e:  # handed to the consumer, which re-raises it
+            ready.put(e)
+        ready.put(None)
 
     def _load(self, file, info, ring: PinnedRing, stream) -> tuple[torch.Tensor, torch.cuda.Event]:
         dtype = torch_dtype(info.dtype)

@@ -9,7 +9,6 @@ import torch
 
 from ..errors import QuantError
 from ..report import layer_stats
-from ..select.plan import KEEP, Decision
 from .bias import LayerCalibration
 from .formats import Format
 from .formats.markers import MARKER_SUFFIX, marker_tensor
@@ -69,7 +68,7 @@ class LayerRun:
     def device_for(self, numel: int) -> torch.device:
         return torch.device("cpu") if numel > self.cpu_above else self.device
 
-    def compute(self, decision: Decision, tensor: torch.Tensor, stats=None):
+    def compute(self, decision, tensor: torch.Tensor, stats=None):
         """(tensors to write, fp32 weight, fp32 reconstruction) on the layer's device; an out-of-memory error on
         CUDA retries the layer on the CPU (unless --no-memory-limits) and says so."""
         device = self.device_for(tensor.numel())
@@ -85,7 +84,7 @@ class LayerRun:
             self.notes.append(f"{decision.layer}: CUDA out of memory; quantized on the CPU instead")
             return self._compute_on(torch.device("cpu"), decision, tensor, stats)
 
-    def _compute_on(self, device: torch.device, decision: Decision, tensor: torch.Tensor, stats):
+    def _compute_on(self, device: torch.device, decision, tensor: torch.Tensor, stats):
         weight = tensor.to(device=device, dtype=torch.float32, non_blocking=True)
         fmt: Format = decision.format
         if hasattr(self.method, "compute_dtype"):
@@ -102,17 +101,17 @@ def count_nonfinite(tensor: torch.Tensor) -> int:
     return 0 if math.isfinite(float(tensor.sum(dtype=torch.float32))) else int((~torch.isfinite(tensor)).sum())
 
 
-def quantize_layer(decision: Decision, tensor: torch.Tensor, writer, run: LayerRun, calibration: LayerCalibration,
+def quantize_layer(decision, tensor: torch.Tensor, writer, run: LayerRun, calibration: LayerCalibration,
                    allow_nonfinite: bool, input_scale: torch.Tensor | None = None):
-    """Quantize and write one layer. Returns (marker conf, stats), or (None, why) if it was kept instead."""
+    """Quantize and write one layer (`decision`: its `select.plan.Decision`). Returns (marker conf, stats), or
+    (None, why) if it was written unquantized instead."""
     bad = count_nonfinite(tensor)
     if bad:
         if not allow_nonfinite:
             raise QuantError(f"{run.path}: layer {decision.layer} has {bad} NaN/Inf values; fix the checkpoint or "
                              "pass --allow-nonfinite to keep such layers in high precision")
         writer.add(decision.key, tensor)
-        decision.action, decision.reason = KEEP, f"{bad} NaN/Inf values (--allow-nonfinite: kept in high precision)"
-        return None, decision.reason
+        return None, f"{bad} NaN/Inf values (--allow-nonfinite: kept in high precision)"
     stats, source_note = calibration.stats(decision.layer, tensor.shape[1])
     if stats is None and run.method.needs_stats:
         source_note = f"{source_note}: round-to-nearest"
