@@ -2,7 +2,7 @@
 from comfy_api.latest import ComfyExtension
 
 from .output import SaveQuantized, VerifyQuantized
-from .quantization import QuantizeFP8, QuantizeINT8, QuantizeMXFP8, QuantizeNVFP4
+from .quantize import QuantizeFP8, QuantizeINT8, QuantizeMXFP8, QuantizeNVFP4
 from .source import LoadSafetensors, MergeLoRA
 from .transform import SmoothQuant
 

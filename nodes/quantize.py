@@ -13,7 +13,7 @@ from comfy_api.latest import io
 from .. import quant_core
 from ..quant_core import QuantError
 from . import paths
-from .recipe import QuantRecipe
+from .recipe import QuantRecipe, require_plan
 from .settings import setting_input
 from .types import CATEGORY, QuantPlan
 
@@ -88,6 +88,7 @@ def _validate(node_fields, plan=None, **inputs) -> bool | str:
 
 
 def _execute(node_fields, plan: QuantRecipe, **inputs) -> io.NodeOutput:
+    plan = require_plan(plan)
     try:
         return io.NodeOutput(plan.with_quantize(**_settings(**node_fields(**inputs))))
     except QuantError as e:

@@ -71,3 +71,11 @@ def file_fingerprint(path: str) -> str:
     """Size and modification time (ns): cheap, and changes whenever the file is replaced or edited."""
     stat = os.stat(path)
     return f"{stat.st_size}:{stat.st_mtime_ns}"
+
+
+def require_plan(plan) -> "QuantRecipe":
+    """The plan input of a node, checked: a link from a quantization node, not a typed-in value."""
+    if not isinstance(plan, QuantRecipe):
+        raise ValueError(f"plan: expected a QUANT_PLAN link from Load Safetensors (or a later quantization node), "
+                         f"got {type(plan).__name__}")
+    return plan

@@ -8,7 +8,7 @@ from comfy_api.latest import io
 from .. import quant_core
 from ..quant_core import QuantError
 from . import paths
-from .recipe import LoraStep, QuantRecipe, file_fingerprint
+from .recipe import LoraStep, QuantRecipe, file_fingerprint, require_plan
 from .types import CATEGORY, QuantPlan
 
 
@@ -59,7 +59,7 @@ class MergeLoRA(io.ComfyNode):
                 QuantPlan.Input("plan", tooltip="The plan from Load Safetensors or another step."),
                 io.Combo.Input("lora", options=paths.list_files(paths.LORA_FOLDERS),
                                tooltip="A LoRA from ComfyUI's loras folder."),
-                io.Float.Input("strength", default=1.0, min=-10.0, max=10.0, step=0.05,
+                io.Float.Input("strength", default=1.0, min=STRENGTH_RANGE[0], max=STRENGTH_RANGE[1], step=0.05,
                                tooltip="Multiplier of the LoRA's delta (1.0 = as trained; the LoRA's own alpha is "
                                        "applied too)."),
             ],
@@ -75,15 +75,29 @@ class MergeLoRA(io.ComfyNode):
 
     @classmethod
     def validate_inputs(cls, lora, strength):
-        if not math.isfinite(strength):
-            return f"strength must be a finite number, got {strength}"
-        return _check(lambda: paths.resolve(lora, paths.LORA_FOLDERS))
+        problem = _strength_problem(strength)
+        return problem or _check(lambda: paths.resolve(lora, paths.LORA_FOLDERS))
 
     @classmethod
     def execute(cls, plan: QuantRecipe, lora, strength) -> io.NodeOutput:
+        plan = require_plan(plan)
+        problem = _strength_problem(strength)
+        if problem:
+            raise ValueError(problem)
         path = paths.resolve(lora, paths.LORA_FOLDERS)
         _check_lora_matches(plan, path, strength)
         return io.NodeOutput(plan.with_lora(LoraStep(path, lora, float(strength))))
+
+
+STRENGTH_RANGE = (-10.0, 10.0)  # ComfyUI skips its own min/max check for nodes with validate_inputs
+
+
+def _strength_problem(strength) -> str | None:
+    low, high = STRENGTH_RANGE
+    if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not math.isfinite(strength) \
+            or not low <= strength <= high:
+        return f"strength must be a number between {low:g} and {high:g}, got {strength!r}"
+    return None
 
 
 def _check_lora_matches(plan: QuantRecipe, lora_path: str, strength: float) -> None:

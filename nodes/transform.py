@@ -6,6 +6,7 @@ from comfy_api.latest import io
 from .. import quant_core
 from ..quant_core import QuantError
 from . import paths
+from .recipe import require_plan
 from .settings import setting_input
 from .types import CATEGORY, QuantPlan
 
@@ -40,6 +41,7 @@ class SmoothQuant(io.ComfyNode):
 
     @classmethod
     def execute(cls, plan, calibration, alpha) -> io.NodeOutput:
+        plan = require_plan(plan)
         try:
             settings = _settings(calibration, alpha)
         except QuantError as e:

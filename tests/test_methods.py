@@ -197,7 +197,7 @@ CLI_ERRORS = [
     (["--optimizer", "quip", "--quip-store-transformed", "--fp8"], "INT8 per-row ConvRot"),
     (["--quip-checkpointed"], "--quip-checkpointed applies to --optimizer quip"),
     (["--optimizer", "gptq", "--calibration-data", "nope.safetensors"], "--calibration-data nope.safetensors: no such"),
-    (["--optimizer", "gptq", "--gptq-damp", "-1"], "--gptq-damp must be between 0 and 10"),
+    (["--optimizer", "gptq", "--gptq-damp", "-1"], "--gptq-damp must be between 0 and 1"),
     (["--optimizer", "quip", "--quip-checkpoint-segments", "0"], "must be 1 or more"),
     (["--num_iter", "10"], "--num_iter applies to --optimizer original|adamw|radam"),
     (["--smoothquant"], "--smoothquant needs --calibration-data"),

@@ -19,6 +19,7 @@ class LayerCalibration:
         self.bias_correction = bias_correction
         self.biased_layers = biased_layers
         self.bias_shifts: dict[str, torch.Tensor] = {}  # layer → Δb [N] (CPU, fp32)
+        self.no_mean: list[str] = []  # biased layers whose statistics have no E[x]: no correction possible
 
     def stats(self, layer: str, k: int) -> tuple[InputStats | None, str]:
         if self.source is None:
@@ -33,11 +34,17 @@ class LayerCalibration:
         mean = stats.mean.to(weight.device) if stats.mean is not None else None
         fields = {}
         shift = None
-        if self.bias_correction and mean is not None and layer in self.biased_layers:
-            shift = (weight - approx) @ mean
-            self.bias_shifts[layer] = shift.float().cpu()
+        if self.bias_correction and layer in self.biased_layers:
+            if mean is None:
+                self.no_mean.append(layer)
+                fields["calibration"] = "bias correction skipped: the calibration file has no input_mean"
+            else:
+                shift = (weight - approx) @ mean
+                self.bias_shifts[layer] = shift.float().cpu()
         if stats.hessian is not None:
+            note = fields.pop("calibration", "")
             fields.update(self._output_sqnr(fmt, weight, approx, stats, shift))
+            fields["calibration"] = "; ".join(filter(None, (fields["calibration"], note)))
         if shift is not None:
             fields["bias_shift"] = float(shift.norm())
         return fields
@@ -54,6 +61,13 @@ class LayerCalibration:
         rtn_db = output_sqnr_db(weight, weight - rtn, hessian, mean, rtn_shift)
         return {"output_sqnr_db": method_db, "rtn_output_sqnr_db": rtn_db,
                 "calibration": "output SQNR on " + ("held-out" if heldout else "the same (in-sample)") + " tokens"}
+
+    def skipped_note(self) -> str | None:
+        """What the run must say when bias correction was on but could not be computed for some layers."""
+        if not self.no_mean:
+            return None
+        return (f"bias correction skipped for {len(self.no_mean)} layers with a bias (e.g. {self.no_mean[0]}): the "
+                "calibration file has no input_mean (E[x]); record it with `calibrate`, or pass --no-bias-correction")
 
     def close(self) -> None:
         if self.source is not None and self.source.file is not None:

@@ -26,7 +26,7 @@ from .rtn import RoundToNearest
 class SweepSettings:
     """Settings of the error-feedback sweep that GPTQ and QuIP share."""
 
-    gptq_damp: float = option(0.1, "--gptq-damp", low=0.0, high=10.0,
+    gptq_damp: float = option(0.1, "--gptq-damp", low=0.0, high=1.0,
                               help="Hessian dampening, a fraction of mean(diag H); docs/METHODS.md says how the "
                                    "default was chosen")
     gptq_block_size: int = option(128, "--gptq-block-size", low=1, help="columns per lazy batch update")

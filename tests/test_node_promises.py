@@ -1,0 +1,78 @@
+"""Nodes keep their promises whatever a client sends through the API (ComfyUI skips its own min/max checks for nodes
+that have `validate_inputs`), and settings that cannot take effect say so instead of doing nothing."""
+import os
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import quant_core
+from quant_core.calib.file import save_calibration
+from quant_core.calib.stats import InputStats
+from quant_core.errors import QuantError
+from test_nodes import TREE, comfy_dirs, node, pack, quant_inputs, tiny_lora, tiny_model  # noqa: F401 (fixtures)
+
+
+@pytest.fixture
+def biased_model(tmp_path):
+    path = str(tmp_path / "m.safetensors")
+    g = torch.Generator().manual_seed(0)
+    save_file({"a.weight": torch.randn(64, 64, generator=g), "a.bias": torch.randn(64, generator=g)}, path)
+    return path
+
+
+def test_bias_correction_without_input_mean_says_it_was_skipped(biased_model, tmp_path):
+    calib = str(tmp_path / "c.safetensors")
+    save_calibration(calib, {"a": InputStats(torch.ones(64), torch.ones(64), 10)}, "no means")
+    result = quant_core.quantize(biased_model, str(tmp_path / "o.safetensors"), calibration_data=calib)
+    assert any("bias correction skipped for 1 layers" in note for note in result.notes)
+    assert "bias correction skipped" in result.report.layers[0].calibration
+    with_mean = str(tmp_path / "c2.safetensors")
+    save_calibration(with_mean, {"a": InputStats(torch.ones(64), torch.ones(64), 10, mean=torch.ones(64))}, "means")
+    result = quant_core.quantize(biased_model, str(tmp_path / "o2.safetensors"), calibration_data=with_mean)
+    assert not any("skipped" in note for note in result.notes) and result.report.layers[0].bias_shift > 0
+
+
+def test_static_activations_without_statistics_are_refused(biased_model, tmp_path):
+    with pytest.raises(QuantError, match="--static-activations needs --calibration-data"):
+        quant_core.quantize(biased_model, str(tmp_path / "o.safetensors"), format="fp8", static_activations=True)
+    assert not os.path.exists(tmp_path / "o.safetensors")
+
+
+@pytest.mark.skipif(TREE is None, reason="no ComfyUI tree")
+@pytest.mark.parametrize("strength", [1000.0, -50.0, float("inf"), True])
+def test_merge_lora_strength_range_is_checked_by_the_node(pack, comfy_dirs, strength):  # noqa: F811
+    model = tiny_model(comfy_dirs)
+    lora, _ = tiny_lora(comfy_dirs)
+    merge = node(pack, "QuantCoreMergeLoRA")
+    message = merge.validate_inputs(lora=lora, strength=strength)
+    assert isinstance(message, str) and "strength must be a number between -10 and 10" in message
+    plan = node(pack, "QuantCoreLoadSafetensors").execute(model=model)[0]
+    with pytest.raises(ValueError, match="strength must be"):
+        merge.execute(plan=plan, lora=lora, strength=strength)
+
+
+@pytest.mark.skipif(TREE is None, reason="no ComfyUI tree")
+@pytest.mark.parametrize("inputs, expected", [(dict(gptq_damp=7.0, method="gptq"), "between 0 and 1"),
+                                              (dict(gptq_damp=-1.0, method="gptq"), "between 0 and 1"),
+                                              (dict(gptq_damp=0.05), "applies to --optimizer gptq or quip")])
+def test_quantize_numeric_inputs_checked_against_the_declaration(pack, comfy_dirs, inputs, expected):  # noqa: F811
+    message = node(pack, "QuantCoreQuantizeFP8").validate_inputs(**dict(quant_inputs(fp8_type="e4m3fn"), **inputs))
+    assert isinstance(message, str) and expected in message
+
+
+@pytest.mark.skipif(TREE is None, reason="no ComfyUI tree")
+@pytest.mark.parametrize("node_id, inputs", [
+    ("QuantCoreMergeLoRA", dict(strength=1.0)),
+    ("QuantCoreQuantizeFP8", quant_inputs(fp8_type="e4m3fn")),
+    ("QuantCoreSmoothQuant", dict(alpha=0.5)),
+])
+def test_a_string_where_a_plan_link_belongs_is_a_clear_error(pack, comfy_dirs, node_id, inputs):  # noqa: F811
+    if node_id == "QuantCoreMergeLoRA":
+        inputs = dict(inputs, lora=tiny_lora(comfy_dirs)[0])
+    if node_id == "QuantCoreSmoothQuant":
+        path = comfy_dirs["quant_calibration"] / "c.safetensors"
+        save_calibration(str(path), {"a": InputStats(torch.ones(4), torch.ones(4), 1)}, "t")
+        inputs = dict(inputs, calibration="quant_calibration/c.safetensors")
+    with pytest.raises(ValueError, match="plan: expected a QUANT_PLAN link"):
+        node(pack, node_id).execute(plan="diffusion_models/x.safetensors", **inputs)
