@@ -88,7 +88,7 @@ CASES = {
     "--verify": (["--verify", "off"], []), "--report-quality": (["--report-quality"], []),
     "--quality-threshold": (["--quality-threshold", "99"], []), "--report": (["--report", "{dir}/r.json"], []),
     "--overwrite": (["--overwrite"], []), "--no-progress": (["--no-progress"], []),
-    "--gptq-damp": (["--gptq-damp", "1.5"], GPTQ + CAL), "--gptq-block-size": (["--gptq-block-size", "8"], GPTQ + CAL),
+    "--gptq-damp": (["--gptq-damp", "0.9"], GPTQ + CAL), "--gptq-block-size": (["--gptq-block-size", "8"], GPTQ + CAL),
     "--scale-search": (["--no-scale-search"], GPTQ + CAL), "--gptq-actorder": (["--no-gptq-actorder"], GPTQ + CAL),
     "--quip-seed": (["--quip-seed", "3"], QUIP + CAL), "--quip-hadamard": (["--no-quip-hadamard"], QUIP + CAL),
     "--quip-actorder": (["--no-quip-actorder"], QUIP + CAL),
