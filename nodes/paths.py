@@ -1,17 +1,23 @@
 """Where the nodes may read and write: ComfyUI's model folders and output folder, through `folder_paths`.
 
 Every name a node receives is checked twice: it must be one that `folder_paths` lists for that folder, and its
-resolved absolute path must lie inside one of that folder's configured directories. A crafted API prompt therefore
-cannot read `../../etc/passwd` or write outside the output/model folders.
+absolute path must lie inside one of that folder's configured directories. A crafted API prompt therefore cannot
+read `../../etc/passwd` or write outside the output/model folders.
+
+Symbolic links, the same rule as ComfyUI's own loaders: a link that the administrator placed inside a model folder
+is followed for reading (where it lies is what is checked, on normalized paths, never resolved through `..`), and
+what it points to must be a regular file. Writing never follows a link out of its folder: the directory a file is
+saved into is checked after resolving every link, against the resolved destination folder.
 """
 from __future__ import annotations
 
 import os
+import stat
 
 import folder_paths
 
 SOURCE_FOLDERS = ("diffusion_models", "checkpoints", "text_encoders", "loras")
-CALIBRATION_FOLDERS = ("quant_calibration",)  # models/quant_calibration: FORMATS.md §4 statistics files
+CALIBRATION_FOLDERS = ("quant_calibration",)  # models/quant_calibration: docs/CALIBRATION.md statistics files
 LORA_FOLDERS = ("loras",)
 SAVE_DESTINATIONS = ("output", "diffusion_models", "checkpoints", "text_encoders")
 VERIFY_FOLDERS = ("output", "diffusion_models", "checkpoints", "text_encoders")
@@ -44,9 +50,21 @@ def resolve(name: str, folders: tuple[str, ...]) -> str:
         raise ValueError(f"{name!r}: no such file in ComfyUI's {folder} folder (refresh the node list?)")
     for base in _directories(folder):
         path = os.path.abspath(os.path.join(base, relative))
-        if _inside(path, base) and os.path.isfile(path):
-            return path
+        if _inside(path, base) and os.path.lexists(path):
+            return _regular_target(path, name)
     raise ValueError(f"{name!r}: not inside ComfyUI's {folder} folder")
+
+
+def _regular_target(path: str, name: str) -> str:
+    """The resolved path of a listed file (a link placed in the folder is followed); it must be a regular file."""
+    target = os.path.realpath(path)
+    try:
+        mode = os.stat(target).st_mode
+    except OSError:
+        raise ValueError(f"{name!r}: a link to a missing file") from None
+    if not stat.S_ISREG(mode):
+        raise ValueError(f"{name!r}: not a regular file (a FIFO, device or directory cannot be read as a model)")
+    return target
 
 
 def confine(path: str, folders: tuple[str, ...]) -> str:
@@ -76,8 +94,10 @@ def save_path(filename_prefix: str, destination: str) -> tuple[str, str]:
         directory, filename, counter, subfolder, _ = folder_paths.get_save_image_path(filename_prefix, base)
     except Exception as e:  # ComfyUI raises a bare Exception for prefixes that leave the folder
         raise ValueError(f"filename_prefix {filename_prefix!r}: {str(e).strip('* ')}") from None
-    if not _inside(os.path.abspath(directory), base):
-        raise ValueError(f"filename_prefix {filename_prefix!r} leaves the {destination} folder")
+    if not _inside(os.path.abspath(directory), base) or \
+            not _inside(os.path.realpath(directory), os.path.realpath(base)):
+        raise ValueError(f"filename_prefix {filename_prefix!r} leaves the {destination} folder (directly or "
+                         "through a symbolic link)")
     os.makedirs(directory, exist_ok=True)
     name = f"{filename}_{counter:05}_{SUFFIX}"
     return os.path.join(directory, name), "/".join(p for p in (destination, subfolder, name) if p)
