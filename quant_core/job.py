@@ -17,6 +17,7 @@ from .errors import QuantError
 from .quantization.formats import FAMILIES, FORMAT_FAMILIES, make_format, resolve_scaling
 from .quantization.formats.int8 import is_power_of_4
 from .quantization.methods import METHODS
+from .select.layer_config import load_layer_config
 from .select.presets import PRESETS
 from .select.rules import compile_regex
 
@@ -321,6 +322,8 @@ def _check_job(job: Job, values: dict) -> None:
         raise QuantError(f"--convrot-group-size must be a power of 4 (4, 16, 64, 256, 1024), got {q.convrot_group_size}")
     if job.select.exclude_layers is not None:
         compile_regex(job.select.exclude_layers, "--exclude-layers")
+    if job.select.layer_config is not None and not isinstance(job.select.layer_config, str):
+        load_layer_config(job.select.layer_config, q)  # an object is checked now; a path when the run reads it
     unknown = [p for p in job.select.presets if p not in PRESETS]
     if unknown:
         raise QuantError(f"unknown preset {unknown[0]!r} (choose from {', '.join(PRESETS)})")
