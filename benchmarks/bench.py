@@ -14,7 +14,6 @@ ratios. Every output is fsynced before its atomic rename (ours) and removed afte
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import shutil
@@ -254,21 +253,20 @@ def run_child(run: Run, cwd: str, log) -> None:
 
 
 def sampled_sqnr(output: str, source: str, layers: list[str]) -> float:
-    """Mean weight SQNR (dB) over `layers`, each rebuilt from `output` through comfy-kitchen (or the legacy rules)."""
+    """Mean weight SQNR (dB) over `layers`, each rebuilt from `output` through its format's contract (comfy-kitchen,
+    or the legacy rules) as `verify --reference` does."""
+    from quant_core.dequantize import quantized_layers, rebuild_layer
     from quant_core.io.reader import SafetensorsReader
-    from quant_core.report import safe_norm
-    from quant_core.verify import MARKER, rebuild_layer
+    from quant_core.report import relative_error, sqnr_from_rel_error
     values = []
     with SafetensorsReader(output) as out, SafetensorsReader(source) as src:
-        keys = set(out.keys())
+        keys, confs = set(out.keys()), quantized_layers(out)
         for layer in layers:
-            if f"{layer}{MARKER}" not in keys:
+            if layer not in confs:
                 continue
-            conf = json.loads(out.get_tensor(f"{layer}{MARKER}").numpy().tobytes())
             reference = src.get_tensor(f"{layer}.weight").float()
-            rebuilt = rebuild_layer(out, keys, layer, conf, tuple(reference.shape)).float()
-            rel = safe_norm(rebuilt - reference) / safe_norm(reference)
-            values.append(-20 * math.log10(rel) if rel > 0 else math.inf)
+            rebuilt = rebuild_layer(out, keys, layer, confs[layer], tuple(reference.shape))
+            values.append(sqnr_from_rel_error(relative_error(reference, rebuilt)))
     return sum(values) / len(values) if values else float("nan")
 
 

@@ -146,7 +146,7 @@ def conversion_report(result, display: str, plan: QuantRecipe) -> dict:
 
 def verification_report(result, display: str) -> dict:
     layers = [{"name": c.layer, "format": c.format,
-               "sqnr_db": None if c.rel_error is None else _finite(_sqnr_from_relative(c.rel_error))}
+               "sqnr_db": None if c.rel_error is None else _finite(quant_core.sqnr_from_rel_error(c.rel_error))}
               for c in result.layers]
     measured = [l["sqnr_db"] for l in layers if isinstance(l["sqnr_db"], float)]
     return {
@@ -162,10 +162,6 @@ def _verify_dict(result) -> dict:
         return {"ok": None, "summary": "verify off"}
     return {"ok": result.ok, "summary": result.summary(), "defects": result.defects[:20],
             "warnings": result.warnings[:20]}
-
-
-def _sqnr_from_relative(rel_error: float) -> float:
-    return math.inf if rel_error == 0 else -20.0 * math.log10(rel_error)
 
 
 def _finite(x):

@@ -24,11 +24,23 @@ class LayerStats:
 
 
 def sqnr_db(signal_energy: float, noise_energy: float) -> float:
+    """10·log10(signal / noise): the one SQNR formula (inf when exact, -inf for no signal or infinite noise)."""
     if noise_energy == 0:
         return math.inf
     if signal_energy == 0:
         return -math.inf
-    return 10.0 * math.log10(signal_energy / noise_energy)
+    ratio = signal_energy / noise_energy
+    return 10.0 * math.log10(ratio) if ratio > 0 else (-math.inf if ratio == 0 else math.nan)
+
+
+def sqnr_from_rel_error(rel_error: float) -> float:
+    """SQNR (dB) of an approximation whose relative error ‖W − Ŵ‖ / ‖W‖ is `rel_error`."""
+    return sqnr_db(1.0, rel_error * rel_error)
+
+
+def relative_error(reference: torch.Tensor, approx: torch.Tensor) -> float:
+    """‖Ŵ − W‖ / ‖W‖ (‖Ŵ‖ when W is zero) of fp32 tensors."""
+    return safe_norm(approx - reference) / (safe_norm(reference) or 1.0)
 
 
 def safe_norm(x: torch.Tensor) -> float:

@@ -1,11 +1,13 @@
 """`verify`: check a file against the ComfyUI contract (FORMATS.md) and, with the source file, rebuild every
 quantized layer through comfy-kitchen's own layout classes and measure its error.
 
+Nothing here knows a format: each layer is checked against, and rebuilt through, its format's contract
+(`quantization.formats.CONTRACTS`); markers are read by `formats.markers`.
+
 Cheap checks read the header, the markers and the (small) scale tensors; `reference=` also reads every weight.
 """
 from __future__ import annotations
 
-import json
 import math
 import sys
 import types
@@ -13,26 +15,17 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .dequantize import rebuild_layer
 from .errors import QuantError
-from .quantization.formats import LEGACY_NAMES, UPSTREAM_NAMES, make_format
-from .quantization.formats.blocked import blocked_shape, round_up
-from .quantization.formats.int8 import is_power_of_4
 from .io.dtypes import FLOAT_TAGS
 from .io.reader import SafetensorsReader
-from .report import safe_norm
+from .quantization.formats import COMPANION_SUFFIXES, CONTRACTS, WEIGHT_TAGS
+from .quantization.formats.contract import value_problem
+from .quantization.formats.markers import (MARKER, MARKER_SUFFIX, METADATA_FORMAT_VERSION, QUANT_METADATA_KEY,
+                                           decode_header_metadata, read_marker)
+from .report import relative_error
 
-QUANT_METADATA_KEY = "_quantization_metadata"
-MARKER = ".comfy_quant"
-SCALE_SUFFIXES = ("weight_scale", "weight_scale_2", "input_scale", "pre_quant_scale")
-KNOWN_CONF_KEYS = {"format", "full_precision_matrix_mult", "convrot", "convrot_groupsize", "orig_dtype", "group_size",
-                   "per_row"}
-# rel. error ‖W−Ŵ‖/‖W‖ above which a layer is reported as unusually poor (warning) and as broken (defect)
-TYPICAL_REL_ERROR = {"int8_tensorwise": 0.05, "float8_e4m3fn": 0.08, "float8_e5m2": 0.15, "nvfp4": 0.2,
-                     "mxfp8": 0.08, "int8_blockwise": 0.05, "float8_e4m3fn_rowwise": 0.08,
-                     "float8_e4m3fn_blockwise": 0.08}
-# per-tensor INT8 of a weight with outliers can legitimately reach ~0.4; block formats never come near these
-BROKEN_REL_ERROR = {"int8_tensorwise": 0.6, "float8_e5m2": 0.3}
-BROKEN_REL_ERROR_DEFAULT = 0.25
+MAX_QUOTE = 200  # characters of a value from the file quoted in a message
 
 
 @dataclass
@@ -98,29 +91,19 @@ class _Transformed:
         return self._transform(key, self._reader.get_tensor(key))
 
 
+def _short(text: str) -> str:
+    """`text` (from the file) cut to MAX_QUOTE characters for a message."""
+    return text if len(text) <= MAX_QUOTE else f"{text[:MAX_QUOTE]}… ({len(text)} characters)"
+
+
 def _read_markers(reader: SafetensorsReader, result: VerifyResult) -> dict[str, dict]:
     confs = {}
     for key in reader.keys():
-        if not key.endswith(MARKER):
-            continue
-        layer = key[: -len(MARKER)]
-        info = reader.info(key)
-        if info.dtype != "U8" or len(info.shape) != 1 or info.numel == 0:
-            result.defects.append(f"{key}: marker must be a non-empty 1-D U8 tensor, got {info.dtype} {list(info.shape)}")
-            continue
-        raw = reader.get_tensor(key).numpy().tobytes()
-        if not raw.strip(b"\x00"):
-            result.defects.append(f"{key}: marker is NUL-filled")
-            continue
-        try:
-            conf = json.loads(raw.decode("utf-8"))
-        except (UnicodeDecodeError, ValueError):
-            result.defects.append(f"{key}: marker is not UTF-8 JSON")
-            continue
-        if not isinstance(conf, dict) or not isinstance(conf.get("format"), str):
-            result.defects.append(f"{key}: marker JSON must be an object with a 'format' string")
-            continue
-        confs[layer] = conf
+        if key.endswith(MARKER):
+            try:
+                confs[key[: -len(MARKER)]] = read_marker(reader, key)
+            except ValueError as e:
+                result.defects.append(f"{key}: {e}")
     return confs
 
 
@@ -131,21 +114,22 @@ def _check_header_metadata(reader: SafetensorsReader, confs: dict, result: Verif
             result.defects.append(f"header has no {QUANT_METADATA_KEY} (ComfyUI ≤ 0.3.7x reads only the header)")
         return
     try:
-        meta = json.loads(raw)
-        layers = meta["layers"]
-        assert isinstance(layers, dict)
-    except (ValueError, KeyError, TypeError, AssertionError):
-        result.defects.append(f"header {QUANT_METADATA_KEY} is not JSON with a 'layers' object")
+        meta, layers = decode_header_metadata(raw)
+    except ValueError as e:
+        result.defects.append(f"header {e}")
         return
-    if meta.get("format_version") != "1.0":
-        result.warnings.append(f"header {QUANT_METADATA_KEY} format_version is {meta.get('format_version')!r}, expected '1.0'")
+    version = meta.get("format_version")
+    if version != METADATA_FORMAT_VERSION:
+        result.warnings.append(f"header {QUANT_METADATA_KEY} format_version is {_short(repr(version))}, expected "
+                               f"{METADATA_FORMAT_VERSION!r}")
     for layer in sorted(set(layers) - set(confs)):
         result.defects.append(f"{layer}: listed in the header {QUANT_METADATA_KEY} but has no {MARKER} marker")
     for layer in sorted(set(confs) - set(layers)):
         result.defects.append(f"{layer}: has a {MARKER} marker but is missing from the header {QUANT_METADATA_KEY}")
     for layer in sorted(set(confs) & set(layers)):
         if layers[layer] != confs[layer]:
-            result.defects.append(f"{layer}: header entry {layers[layer]} differs from the marker {confs[layer]}")
+            result.defects.append(f"{layer}: header entry {_short(str(layers[layer]))} differs from the marker "
+                                  f"{_short(str(confs[layer]))}")
 
 
 def _mark_legacy(result: VerifyResult, allow_legacy: bool) -> None:
@@ -161,83 +145,24 @@ def _mark_legacy(result: VerifyResult, allow_legacy: bool) -> None:
 
 
 def _check_layer(reader, layer: str, conf: dict, result: VerifyResult, suffixes: dict[str, list[str]]) -> None:
+    """The layer's tensors and marker against its format's contract (formats.CONTRACTS)."""
     name = conf["format"]
-    if name not in UPSTREAM_NAMES and name not in LEGACY_NAMES:
-        result.defects.append(f"{layer}: unknown format {name!r}: upstream ComfyUI raises KeyError and the whole model fails to load")
+    contract = CONTRACTS.get(name)
+    if contract is None:
+        result.defects.append(f"{layer}: unknown format {_short(repr(name))}: upstream ComfyUI raises KeyError and the "
+                              "whole model fails to load")
         return
-    for key in sorted(set(conf) - KNOWN_CONF_KEYS):
-        result.warnings.append(f"{layer}: marker key {key!r} is not read by ComfyUI")
-    weight = f"{layer}.weight"
-    if weight not in reader.keys():
-        result.defects.append(f"{layer}: marker without a {weight} tensor")
+    for key in sorted(set(conf) - set(contract.marker_fields)):
+        result.warnings.append(f"{layer}: marker key {_short(repr(key))} is not read by ComfyUI")
+    present = suffixes.get(layer, [])
+    if "weight" not in present:
+        result.defects.append(f"{layer}: marker without a {layer}.weight tensor")
         return
-    problems = _layout_problems(reader, layer, conf, suffixes)
+    problems = contract.check({suffix: reader.info(f"{layer}.{suffix}") for suffix in present}, conf, layer)
     result.defects.extend(f"{layer}: {p}" for p in problems)
-    result.layers.append(LayerCheck(layer, name, upstream=name in UPSTREAM_NAMES, layout_ok=not problems))
+    result.layers.append(LayerCheck(layer, name, upstream=contract.upstream, layout_ok=not problems))
     if not problems:
-        _check_scale_values(reader, layer, name, result)
-
-
-def _shape(reader, key):
-    return reader.get_shape(key) if key in reader.keys() else None
-
-
-def _expect(reader, key: str, dtypes: tuple[str, ...], shapes, problems: list[str]) -> None:
-    """`shapes`: list of acceptable shapes (tuples)."""
-    if key not in reader.keys():
-        problems.append(f"missing {key.rsplit('.', 1)[-1]}")
-        return
-    info = reader.info(key)
-    if info.dtype not in dtypes:
-        problems.append(f"{key.rsplit('.', 1)[-1]} is {info.dtype}, expected {' or '.join(dtypes)}")
-    if shapes is not None and info.shape not in shapes:
-        problems.append(f"{key.rsplit('.', 1)[-1]} has shape {list(info.shape)}, expected "
-                        + " or ".join(str(list(s)) for s in shapes))
-
-
-ONE_ELEMENT = [(), (1,)]
-
-
-def _layout_problems(reader, layer: str, conf: dict, suffixes: dict[str, list[str]]) -> list[str]:
-    name, problems = conf["format"], []
-    wshape = reader.get_shape(f"{layer}.weight")
-    if len(wshape) != 2:
-        return [f"quantized weight must be 2-D (Linear), got shape {list(wshape)}: a marker on a conv/norm is an unexpected key"]
-    n, k = wshape
-    allowed = {"weight", "weight_scale", "comfy_quant", "bias"}
-    if name in ("float8_e4m3fn", "float8_e5m2"):
-        _expect(reader, f"{layer}.weight", ("F8_E4M3" if name == "float8_e4m3fn" else "F8_E5M2",), None, problems)
-        _expect(reader, f"{layer}.weight_scale", ("F32",), ONE_ELEMENT, problems)
-        allowed.add("input_scale")
-        if f"{layer}.input_scale" in reader.keys():
-            _expect(reader, f"{layer}.input_scale", ("F32",), ONE_ELEMENT, problems)
-    elif name == "int8_tensorwise":
-        _expect(reader, f"{layer}.weight", ("I8",), None, problems)
-        _expect(reader, f"{layer}.weight_scale", ("F32",), [(), (1,), (n, 1)], problems)
-        if conf.get("convrot"):
-            group = conf.get("convrot_groupsize")
-            if not isinstance(group, int) or not is_power_of_4(group) or k % group:
-                problems.append(f"convrot_groupsize {group!r} must be a power of 4 dividing K={k}")
-    elif name == "nvfp4":
-        _expect(reader, f"{layer}.weight", ("U8",), None, problems)
-        if n % 16 or (2 * k) % 16:
-            problems.append(f"packed weight shape {list(wshape)} is not padded to 16×16")
-        _expect(reader, f"{layer}.weight_scale", ("F8_E4M3",), [blocked_shape(n, 2 * k // 16)], problems)
-        _expect(reader, f"{layer}.weight_scale_2", ("F32",), ONE_ELEMENT, problems)
-        allowed |= {"weight_scale_2", "input_scale", "pre_quant_scale"}
-        if f"{layer}.input_scale" in reader.keys():
-            _expect(reader, f"{layer}.input_scale", ("F32",), ONE_ELEMENT, problems)
-    elif name == "mxfp8":
-        _expect(reader, f"{layer}.weight", ("F8_E4M3",), None, problems)
-        if n % 32 or k % 32:
-            problems.append(f"weight shape {list(wshape)} is not padded to 32×32")
-        _expect(reader, f"{layer}.weight_scale", ("U8",), [blocked_shape(n, k // 32)], problems)
-        allowed.add("input_scale")
-    else:
-        problems += _legacy_layout_problems(reader, layer, conf, n, k)
-    extras = [f"{layer}.{suffix}" for suffix in suffixes.get(layer, ()) if suffix not in allowed]
-    problems += [f"unexpected tensor {key} (ComfyUI reports it as an unexpected key)" for key in extras]
-    return problems
+        _check_scale_values(reader, layer, contract, present, result)
 
 
 def suffixes_by_layer(keys) -> dict[str, list[str]]:
@@ -249,143 +174,87 @@ def suffixes_by_layer(keys) -> dict[str, list[str]]:
     return by_layer
 
 
-def _legacy_layout_problems(reader, layer: str, conf: dict, n: int, k: int) -> list[str]:
-    problems = []
-    name = conf["format"]
-    weight_tag = "I8" if name == "int8_blockwise" else "F8_E4M3"
-    _expect(reader, f"{layer}.weight", (weight_tag,), None, problems)
-    if name == "float8_e4m3fn_rowwise":
-        _expect(reader, f"{layer}.weight_scale", ("F32",), [(n, 1), (n,)], problems)
-    else:
-        block = conf.get("group_size")
-        if not isinstance(block, int) or block < 1 or n % block or k % block:
-            return problems + [f"group_size {block!r} does not tile the {n}×{k} weight"]
-        _expect(reader, f"{layer}.weight_scale", ("F32",), [(n // block, k // block)], problems)
-    return problems
-
-
-def _check_scale_values(reader, layer: str, name: str, result: VerifyResult) -> None:
-    for suffix in SCALE_SUFFIXES:
-        key = f"{layer}.{suffix}"
-        if key not in reader.keys():
-            continue
-        values = reader.get_tensor(key)
-        if name == "mxfp8" and suffix == "weight_scale":
-            if bool((values == 255).any()):
-                result.defects.append(f"{key}: E8M0 byte 255 is NaN")
-            continue
-        values = values.float()
-        if not bool(torch.isfinite(values).all()):
-            result.defects.append(f"{key}: has NaN/Inf values")
-        elif suffix in ("weight_scale", "weight_scale_2") and name != "nvfp4" and bool((values <= 0).any()):
-            result.defects.append(f"{key}: scales must be positive")
-        elif suffix == "input_scale" and bool((values <= 0).any()):
-            result.defects.append(f"{key}: a static activation scale must be positive (activations are divided by it)")
-        elif bool((values < 0).any()) and suffix != "pre_quant_scale":
-            result.defects.append(f"{key}: scales must not be negative")
+def _check_scale_values(reader, layer: str, contract, present: list[str], result: VerifyResult) -> None:
+    for companion in contract.companions:
+        if companion.values is not None and companion.suffix in present:
+            key = f"{layer}.{companion.suffix}"
+            problem = value_problem(companion.values, reader.get_tensor(key))
+            if problem:
+                result.defects.append(f"{key}: {problem}")
 
 
 def _check_orphans(reader, confs: dict, result: VerifyResult) -> None:
     for key in reader.keys():
         layer, _, suffix = key.rpartition(".")
-        if suffix in SCALE_SUFFIXES and layer not in confs:
+        if suffix in COMPANION_SUFFIXES and layer not in confs:
             result.defects.append(f"{key}: scale without a {MARKER} marker (the layer would load as garbage)")
         info = reader.info(key)
-        if suffix == "weight" and layer not in confs and len(info.shape) == 2 and info.dtype in ("I8", "F8_E4M3", "F8_E5M2", "U8"):
+        if suffix == "weight" and layer not in confs and len(info.shape) == 2 and info.dtype in WEIGHT_TAGS:
             result.defects.append(f"{key}: {info.dtype} weight without a {MARKER} marker")
         if suffix == "bias" and layer in confs and info.dtype not in FLOAT_TAGS:
             result.defects.append(f"{key}: biases are never quantized, got {info.dtype}")
 
 
 def dequantize_with_comfy_kitchen(name: str, tensors: dict[str, torch.Tensor], conf: dict, shape) -> torch.Tensor:
-    """Rebuild an fp32 [N, K] weight through comfy-kitchen's own layout classes (the code ComfyUI runs)."""
-    from comfy_kitchen.tensor import (TensorCoreFP8Layout, TensorCoreMXFP8Layout, TensorCoreNVFP4Layout,
-                                      TensorWiseINT8Layout)
-    n, k = shape
-    common = dict(orig_dtype=torch.float32, orig_shape=tuple(shape))
-    if name == "int8_tensorwise":
-        params = TensorWiseINT8Layout.Params(scale=tensors["weight_scale"], convrot=bool(conf.get("convrot")),
-                                             convrot_groupsize=conf.get("convrot_groupsize", 256), **common)
-        return TensorWiseINT8Layout.dequantize(tensors["weight"], params).float()
-    if name in ("float8_e4m3fn", "float8_e5m2"):
-        params = TensorCoreFP8Layout.Params(scale=tensors["weight_scale"], **common)
-        return TensorCoreFP8Layout.dequantize(tensors["weight"], params).float()
-    if name == "nvfp4":
-        params = TensorCoreNVFP4Layout.Params(scale=tensors["weight_scale_2"], block_scale=tensors["weight_scale"], **common)
-        return TensorCoreNVFP4Layout.dequantize(tensors["weight"], params).float()[:n, :k]
-    if name == "mxfp8":
-        params = TensorCoreMXFP8Layout.Params(scale=tensors["weight_scale"].view(torch.float8_e8m0fnu), **common)
-        return TensorCoreMXFP8Layout.dequantize(tensors["weight"], params).float()[:n, :k]
-    raise ValueError(f"comfy-kitchen has no layout for {name!r}")
-
-
-def rebuild_layer(reader, keys: set[str], layer: str, conf: dict, shape) -> torch.Tensor:
-    """The fp32 [N, K] weight of a quantized layer stored in `reader` (whose key set is `keys`): through
-    comfy-kitchen for the formats upstream ComfyUI loads, by the legacy rules for the others."""
-    tensors = {s: reader.get_tensor(f"{layer}.{s}") for s in ("weight",) + SCALE_SUFFIXES if f"{layer}.{s}" in keys}
-    rebuild = dequantize_with_comfy_kitchen if conf["format"] in UPSTREAM_NAMES else _legacy_dequantize
-    return rebuild(conf["format"], tensors, conf, shape)
-
-
-def _legacy_dequantize(name: str, tensors: dict, conf: dict, shape) -> torch.Tensor:
-    family, scaling = {"int8_blockwise": ("int8", "block"), "float8_e4m3fn_rowwise": ("fp8", "row"),
-                       "float8_e4m3fn_blockwise": ("fp8", "block")}[name]
-    return make_format(family, scaling, conf.get("group_size", 128)).dequantize(tensors, shape)
+    """Rebuild an fp32 [N, K] weight of an upstream format through comfy-kitchen's own layout classes (the code
+    ComfyUI runs): its contract's `dequantize`."""
+    contract = CONTRACTS.get(name)
+    if contract is None or not contract.upstream:
+        raise ValueError(f"comfy-kitchen has no layout for {name!r}")
+    return contract.dequantize(tensors, conf, shape)
 
 
 def _compare_with_source(reader, source, confs: dict, result: VerifyResult) -> None:
     checks = {c.layer: c for c in result.layers}
+    keys, source_keys = set(reader.keys()), set(source.keys())
     for layer, conf in confs.items():
         check = checks.get(layer)
         if check is not None and not check.layout_ok:
             continue  # already a defect; its tensors cannot be rebuilt
-        if check is None or f"{layer}.weight" not in source.keys():
+        if check is None or f"{layer}.weight" not in source_keys:
             if check is not None:
                 result.defects.append(f"{layer}: not in the reference file")
             continue
-        _compare_layer(reader, source, layer, conf, check, result)
+        _compare_layer(reader, keys, source, layer, conf, check, result)
     _compare_passthrough(reader, source, confs, result)
 
 
-def _compare_layer(reader, source, layer, conf, check: LayerCheck, result: VerifyResult) -> None:
+def _compare_layer(reader, keys: set[str], source, layer, conf, check: LayerCheck, result: VerifyResult) -> None:
     reference = source.get_tensor(f"{layer}.weight").float()
     if reference.dim() != 2:
         result.defects.append(f"{layer}: the reference weight is {reference.dim()}-D")
         return
-    tensors = {key.rsplit(".", 1)[-1]: reader.get_tensor(key) for key in reader.keys()
-               if key.startswith(layer + ".") and key.rsplit(".", 1)[-1] in ("weight",) + SCALE_SUFFIXES}
+    contract = CONTRACTS[conf["format"]]
     n, k = reference.shape
     stored = reader.get_shape(f"{layer}.weight")
-    expected = {"nvfp4": (round_up(n, 16), round_up(k, 16) // 2), "mxfp8": (round_up(n, 32), round_up(k, 32))}
-    if stored != expected.get(conf["format"], (n, k)):
+    if tuple(stored) != contract.stored_shape(n, k):
         result.defects.append(f"{layer}: stored weight shape {list(stored)} does not match the reference {[n, k]}")
         return
-    dequant = (dequantize_with_comfy_kitchen if check.upstream else _legacy_dequantize)(conf["format"], tensors, conf, (n, k))
-    norm = safe_norm(reference)
-    error = safe_norm(dequant - reference) / (norm or 1.0)
+    error = relative_error(reference, rebuild_layer(reader, keys, layer, conf, (n, k)))
     check.rel_error = error
-    if not math.isfinite(error) or error > BROKEN_REL_ERROR.get(conf["format"], BROKEN_REL_ERROR_DEFAULT):
+    if not math.isfinite(error) or error > contract.broken:
         result.defects.append(f"{layer}: dequantized weight is broken (relative error {error:.3g} vs the reference)")
-    elif error > TYPICAL_REL_ERROR.get(conf["format"], 0.1):
+    elif error > contract.typical:
         result.warnings.append(f"{layer}: relative error {error:.3g} is above the usual range for {conf['format']}")
 
 
 def _compare_passthrough(reader, source, confs: dict, result: VerifyResult) -> None:
-    companions = {f"{layer}.{s}" for layer in confs for s in ("weight", "comfy_quant") + SCALE_SUFFIXES}
-    missing = [key for key in source.keys() if key not in reader.keys()]
+    companions = {f"{layer}.{s}" for layer in confs for s in ("weight", MARKER_SUFFIX) + COMPANION_SUFFIXES}
+    keys, source_keys = set(reader.keys()), set(source.keys())
+    missing = [key for key in source.keys() if key not in keys]
     if missing:
         result.warnings.append(f"{len(missing)} reference tensors are not in the output (e.g. {missing[0]})")
     corrected_biases = []
     for key in reader.keys():
         if key in companions:
             continue
-        if key.endswith(".bias") and key[: -len(".bias")] in confs and key in source.keys():
+        if key.endswith(".bias") and key[: -len(".bias")] in confs and key in source_keys:
             if not _bias_ok(reader.get_tensor(key), source.get_tensor(key), key, result):
                 continue
             if not _same_bytes(reader.get_tensor(key), source.get_tensor(key)):
                 corrected_biases.append(key)
             continue
-        if key not in source.keys():
+        if key not in source_keys:
             result.defects.append(f"{key}: not in the reference file and not part of a quantized layer")
             continue
         out, ref = reader.get_tensor(key), source.get_tensor(key)

@@ -1,25 +1,43 @@
-"""The format registry: one table from (format family, scaling mode) to a format module.
+"""The format registries: one table from (format family, scaling mode) to a format module, and one from the
+on-disk `format` name of a marker to that format's contract (`CONTRACTS`).
 
-Families are what users pick (`--format`); the table says which scaling modes each family has, which one is the
-default, and which combinations only forks and custom nodes can load (written only on explicit request).
+Families are what users pick (`--format`); the table says which scaling modes each family has and which one is the
+default. Whether a combination only forks and custom nodes can load (written only on explicit request) is its
+format's contract's `upstream`.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Callable
 
+from . import fp8, int8, legacy, mxfp8, nvfp4
 from .base import Format, Grid, divide_by_scale
+from .contract import Companion, FormatContract
 from .fp8 import Float8Tensorwise
 from .int8 import Int8Tensorwise
 from .legacy import Float8Blockwise, Float8Rowwise, Int8Blockwise
 from .mxfp8 import MXFP8
 from .nvfp4 import NVFP4
 
+# on-disk `format` name → contract, upstream formats first
+CONTRACTS: dict[str, FormatContract] = {**fp8.CONTRACTS, int8.CONTRACT.name: int8.CONTRACT,
+                                        nvfp4.CONTRACT.name: nvfp4.CONTRACT, mxfp8.CONTRACT.name: mxfp8.CONTRACT,
+                                        **legacy.CONTRACTS}
+UPSTREAM_NAMES = tuple(name for name, c in CONTRACTS.items() if c.upstream)
+LEGACY_NAMES = tuple(name for name, c in CONTRACTS.items() if not c.upstream)
+# every `<layer>.<suffix>` some format stores besides the weight, in the order checks report them
+COMPANION_SUFFIXES = tuple(dict.fromkeys(c.suffix for contract in CONTRACTS.values() for c in contract.companions[1:]))
+# the dtype tags of quantized weights
+WEIGHT_TAGS = tuple(dict.fromkeys(tag for contract in CONTRACTS.values() for tag in contract.weight.dtypes))
+
 
 @dataclass(frozen=True)
 class FormatChoice:
     build: Callable[[int, int], Format]  # (block_size, convrot_group) -> Format
-    upstream: bool = True
+
+    @property
+    def upstream(self) -> bool:
+        return self.build(128, 0).upstream
 
 
 SCALING_ALIASES = {"axis": "row"}  # the INT8 seed calls per-row scaling "axis"
@@ -28,12 +46,12 @@ FAMILIES: dict[str, dict[str, FormatChoice]] = {
     "int8": {
         "row": FormatChoice(lambda bs, g: Int8Tensorwise(per_row=True, convrot_group=g)),
         "tensor": FormatChoice(lambda bs, g: Int8Tensorwise(per_row=False, convrot_group=g)),
-        "block": FormatChoice(lambda bs, g: Int8Blockwise(bs), upstream=False),
+        "block": FormatChoice(lambda bs, g: Int8Blockwise(bs)),
     },
     "fp8": {
         "tensor": FormatChoice(lambda bs, g: Float8Tensorwise("float8_e4m3fn")),
-        "row": FormatChoice(lambda bs, g: Float8Rowwise(), upstream=False),
-        "block": FormatChoice(lambda bs, g: Float8Blockwise(bs), upstream=False),
+        "row": FormatChoice(lambda bs, g: Float8Rowwise()),
+        "block": FormatChoice(lambda bs, g: Float8Blockwise(bs)),
     },
     "fp8_e5m2": {"tensor": FormatChoice(lambda bs, g: Float8Tensorwise("float8_e5m2"))},
     "nvfp4": {"block": FormatChoice(lambda bs, g: NVFP4())},
@@ -41,8 +59,6 @@ FAMILIES: dict[str, dict[str, FormatChoice]] = {
 }
 DEFAULT_SCALING = {"int8": "row", "fp8": "tensor", "fp8_e5m2": "tensor", "nvfp4": "block", "mxfp8": "block"}
 FORMAT_FAMILIES = (*FAMILIES, "fp16")  # fp16 = plain cast, no quantization
-UPSTREAM_NAMES = ("float8_e4m3fn", "float8_e5m2", "int8_tensorwise", "nvfp4", "mxfp8")
-LEGACY_NAMES = ("int8_blockwise", "float8_e4m3fn_rowwise", "float8_e4m3fn_blockwise")
 
 
 def resolve_scaling(family: str, scaling: str | None) -> str:
@@ -69,4 +85,5 @@ def make_format(family: str, scaling: str | None = None, block_size: int = 128, 
 
 
 __all__ = ["Format", "Grid", "divide_by_scale", "make_format", "resolve_scaling", "FAMILIES", "FORMAT_FAMILIES",
-           "DEFAULT_SCALING", "UPSTREAM_NAMES", "LEGACY_NAMES"]
+           "DEFAULT_SCALING", "CONTRACTS", "FormatContract", "Companion", "UPSTREAM_NAMES", "LEGACY_NAMES",
+           "COMPANION_SUFFIXES", "WEIGHT_TAGS"]

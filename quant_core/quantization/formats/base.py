@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .contract import FormatContract
+
 OutputLayout = list[tuple[str, str, tuple[int, ...]]]  # (tensor suffix, safetensors dtype tag, shape)
 
 
@@ -43,13 +45,28 @@ def divide_by_scale(values: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
 
 
 class Format(ABC):
-    """One on-disk format. Subclasses are stateless apart from their settings (block size, group size)."""
+    """One on-disk format. Subclasses are stateless apart from their settings (block size, group size).
+    What the file holds (dtypes, shapes, marker fields) is the format's `contract`, declared in its module."""
 
-    name: str  # the `format` string written into `.comfy_quant`
-    upstream: bool = True  # loadable by upstream ComfyUI (v0.27+)
+    contract: FormatContract  # the on-disk contract of the `format` string this writes
     label: str  # short label for file names and tables
     heur_block: int = 16  # dimension granularity `--heur` asks of a layer (GEMM tile alignment)
     stores_grid_scale: bool = False  # pack stores grid.scale as is, so a method may choose other per-row/tensor scales
+
+    @property
+    def name(self) -> str:
+        """The `format` string written into `.comfy_quant`."""
+        return self.contract.name
+
+    @property
+    def upstream(self) -> bool:
+        """Loadable by upstream ComfyUI (v0.27+)."""
+        return self.contract.upstream
+
+    @property
+    def layout_choice(self) -> dict[str, int] | None:
+        """Which accepted shape of a companion this writes, where the contract accepts several (suffix → index)."""
+        return None
 
     def fit(self, shape: tuple[int, ...]) -> str | None:
         """Why this format cannot hold a weight of this shape, or None if it can."""
@@ -72,9 +89,9 @@ class Format(ABC):
     def dequantize(self, tensors: dict[str, torch.Tensor], shape: tuple[int, int]) -> torch.Tensor:
         """Read stored tensors back into an fp32 [N, K] weight (the inverse of pack, for verify and tests)."""
 
-    @abstractmethod
     def layout(self, shape: tuple[int, int]) -> OutputLayout:
         """The tensors `pack` will produce for a weight of this shape (planned before any data is read)."""
+        return self.contract.layout(shape, self.marker(), self.layout_choice)
 
     def marker(self) -> dict:
         """The `.comfy_quant` entries besides `orig_dtype`."""

@@ -3,13 +3,29 @@ from __future__ import annotations
 
 import torch
 
+from ...io.dtypes import torch_dtype
 from .base import Format, Grid, exact_div
+from .contract import Companion, FormatContract, kitchen_dequantize, one_element, stored_weight
 
 MIN_SCALE = 1e-30
 
-FP8_DTYPES = {
-    "float8_e4m3fn": (torch.float8_e4m3fn, "F8_E4M3"),
-    "float8_e5m2": (torch.float8_e5m2, "F8_E5M2"),
+
+def _kitchen(tensors: dict, conf: dict, shape) -> torch.Tensor:
+    return kitchen_dequantize("TensorCoreFP8Layout", tensors["weight"], shape, scale=tensors["weight_scale"])
+
+
+def _contract(name: str, weight_tag: str, typical: float, broken: float) -> FormatContract:
+    return FormatContract(
+        name,
+        (stored_weight(weight_tag),
+         Companion("weight_scale", ("F32",), one_element),  # a per-row scale breaks ComfyUI's FP8 matmul
+         Companion("input_scale", ("F32",), one_element, required=False, values="activation")),
+        _kitchen, typical=typical, broken=broken)
+
+
+CONTRACTS = {
+    "float8_e4m3fn": _contract("float8_e4m3fn", "F8_E4M3", typical=0.08, broken=0.25),
+    "float8_e5m2": _contract("float8_e5m2", "F8_E5M2", typical=0.15, broken=0.3),
 }
 
 
@@ -17,8 +33,8 @@ class Float8Tensorwise(Format):
     stores_grid_scale = True
 
     def __init__(self, name: str = "float8_e4m3fn"):
-        self.name = name
-        self.dtype, self.tag = FP8_DTYPES[name]
+        self.contract = CONTRACTS[name]
+        self.dtype = torch_dtype(self.contract.weight.dtypes[0])
         self.max = torch.finfo(self.dtype).max
         self.label = "fp8" if name == "float8_e4m3fn" else "fp8_e5m2"
 
@@ -34,6 +50,3 @@ class Float8Tensorwise(Format):
 
     def dequantize(self, tensors, shape):
         return tensors["weight"].float() * tensors["weight_scale"].float()
-
-    def layout(self, shape):
-        return [("weight", self.tag, tuple(shape)), ("weight_scale", "F32", ())]

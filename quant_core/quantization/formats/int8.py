@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 
 from .base import Format, Grid, exact_div
+from .contract import Companion, FormatContract, kitchen_dequantize, stored_weight
 
 INT8_MAX = 127.0
 MIN_SCALE = 1e-30  # an all-zero row/tensor still gets a finite, positive scale
@@ -36,8 +37,36 @@ def rotate(weight: torch.Tensor, group_size: int) -> torch.Tensor:
     return (weight.reshape(n, k // group_size, group_size) @ h.T).reshape(n, k)
 
 
+def _scale_shapes(n: int, k: int, conf: dict):
+    return [(), (1,), (n, 1)]  # per tensor, the same as a 1-element vector, per output row
+
+
+PER_TENSOR, PER_ROW = 0, 2  # which of _scale_shapes the format writes
+
+
+def _convrot_problems(conf: dict, n: int, k: int) -> list[str]:
+    group = conf.get("convrot_groupsize")
+    if conf.get("convrot") and (not isinstance(group, int) or not is_power_of_4(group) or k % group):
+        return [f"convrot_groupsize {group!r} must be a power of 4 dividing K={k}"]
+    return []
+
+
+def _kitchen(tensors: dict, conf: dict, shape) -> torch.Tensor:
+    return kitchen_dequantize("TensorWiseINT8Layout", tensors["weight"], shape, scale=tensors["weight_scale"],
+                              convrot=bool(conf.get("convrot")), convrot_groupsize=conf.get("convrot_groupsize", 256))
+
+
+CONTRACT = FormatContract(
+    "int8_tensorwise",
+    (stored_weight("I8"),
+     Companion("weight_scale", ("F32",), _scale_shapes)),
+    _kitchen, typical=0.05, broken=0.6,  # per-tensor INT8 of a weight with outliers can legitimately reach ~0.4
+    fields=("convrot", "convrot_groupsize", "per_row"),  # per_row: tolerated (ComfyUI ignores it)
+    field_check=_convrot_problems)
+
+
 class Int8Tensorwise(Format):
-    name = "int8_tensorwise"
+    contract = CONTRACT
     stores_grid_scale = True
 
     def __init__(self, per_row: bool = True, convrot_group: int = 0):
@@ -79,9 +108,9 @@ class Int8Tensorwise(Format):
         weight = codes.mul_(grid.scale)
         return rotate(weight, self.convrot_group) if self.convrot_group else weight
 
-    def layout(self, shape):
-        scale_shape = (shape[0], 1) if self.per_row else ()
-        return [("weight", "I8", tuple(shape)), ("weight_scale", "F32", scale_shape)]
+    @property
+    def layout_choice(self):
+        return {"weight_scale": PER_ROW if self.per_row else PER_TENSOR}
 
     def marker(self):
         conf = {"format": self.name}

@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 
 from .base import Format, Grid, exact_div
+from .contract import Companion, FormatContract, stored_weight
 
 MIN_SCALE = 1e-30
 E4M3_MAX = 448.0
@@ -21,17 +22,50 @@ def expand_tiles(scale: torch.Tensor, block: int) -> torch.Tensor:
     return scale.repeat_interleave(block, dim=0).repeat_interleave(block, dim=1)
 
 
+def _group(conf: dict, n: int, k: int) -> int | None:
+    """The tile size B of a blockwise marker, or None when it does not tile the [N, K] weight."""
+    block = conf.get("group_size")
+    return block if isinstance(block, int) and block >= 1 and not n % block and not k % block else None
+
+
+def _group_problems(conf: dict, n: int, k: int) -> list[str]:
+    if _group(conf, n, k) is None:
+        return [f"group_size {conf.get('group_size')!r} does not tile the {n}×{k} weight"]
+    return []
+
+
+def _tile_scale_shapes(n: int, k: int, conf: dict):
+    block = _group(conf, n, k)
+    return None if block is None else [(n // block, k // block)]  # one per B×B tile
+
+
+def _blockwise_contract(name: str, weight_tag: str, build, typical: float) -> FormatContract:
+    """`build(B)`: the format object with tile size B, whose own rules dequantize."""
+    return FormatContract(
+        name, (stored_weight(weight_tag), Companion("weight_scale", ("F32",), _tile_scale_shapes)),
+        lambda tensors, conf, shape: build(conf.get("group_size", 128)).dequantize(tensors, shape),
+        typical=typical, upstream=False, fields=("group_size",), field_check=_group_problems)
+
+
+INT8_BLOCKWISE = _blockwise_contract("int8_blockwise", "I8", lambda block: Int8Blockwise(block), typical=0.05)
+FLOAT8_BLOCKWISE = _blockwise_contract("float8_e4m3fn_blockwise", "F8_E4M3", lambda block: Float8Blockwise(block),
+                                       typical=0.08)
+FLOAT8_ROWWISE = FormatContract(
+    "float8_e4m3fn_rowwise",
+    (stored_weight("F8_E4M3"), Companion("weight_scale", ("F32",), lambda n, k, conf: [(n, 1), (n,)])),
+    lambda tensors, conf, shape: Float8Rowwise().dequantize(tensors, shape), typical=0.08, upstream=False)
+CONTRACTS = {c.name: c for c in (INT8_BLOCKWISE, FLOAT8_ROWWISE, FLOAT8_BLOCKWISE)}
+
+
 class _Tiled(Format):
-    upstream = False
     code_max: float
-    weight_tag: str
 
     def __init__(self, block_size: int):
         self.block = block_size
         self.heur_block = block_size
 
     def fit(self, shape):
-        if shape[0] % self.block or shape[1] % self.block:
+        if _group(self.marker(), *shape) is None:
             return f"shape {list(shape)} is not divisible into {self.block}×{self.block} tiles"
         return None
 
@@ -45,18 +79,13 @@ class _Tiled(Format):
     def dequantize(self, tensors, shape):
         return tensors["weight"].float() * expand_tiles(tensors["weight_scale"].float(), self.block)
 
-    def layout(self, shape):
-        return [("weight", self.weight_tag, tuple(shape)),
-                ("weight_scale", "F32", (shape[0] // self.block, shape[1] // self.block))]
-
     def marker(self):
         return {"format": self.name, "group_size": self.block}
 
 
 class Int8Blockwise(_Tiled):
-    name = "int8_blockwise"
+    contract = INT8_BLOCKWISE
     code_max = 127.0
-    weight_tag = "I8"
 
     @property
     def label(self):
@@ -70,9 +99,8 @@ class Int8Blockwise(_Tiled):
 
 
 class Float8Blockwise(_Tiled):
-    name = "float8_e4m3fn_blockwise"
+    contract = FLOAT8_BLOCKWISE
     code_max = E4M3_MAX
-    weight_tag = "F8_E4M3"
 
     @property
     def label(self):
@@ -86,8 +114,7 @@ class Float8Blockwise(_Tiled):
 
 
 class Float8Rowwise(Format):
-    name = "float8_e4m3fn_rowwise"
-    upstream = False
+    contract = FLOAT8_ROWWISE
     label = "fp8_row"
 
     def grid(self, weight):
@@ -103,5 +130,3 @@ class Float8Rowwise(Format):
     def dequantize(self, tensors, shape):
         return tensors["weight"].float() * tensors["weight_scale"].float().reshape(-1, 1)
 
-    def layout(self, shape):
-        return [("weight", "F8_E4M3", tuple(shape)), ("weight_scale", "F32", (shape[0], 1))]

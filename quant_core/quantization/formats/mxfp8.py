@@ -6,6 +6,7 @@ import torch
 
 from .base import Format, Grid, exact_div
 from .blocked import blocked_shape, from_blocked, pad_to, round_up, to_blocked
+from .contract import Companion, FormatContract, kitchen_dequantize, stored_weight
 
 BLOCK = 32
 E4M3_MAX = 448.0
@@ -18,8 +19,25 @@ def e8m0_to_float(exponents: torch.Tensor) -> torch.Tensor:
     return torch.where(exponents == 0, torch.zeros_like(bits), bits).view(torch.float32)
 
 
+def _block_scale_shapes(n: int, k: int, conf: dict):
+    return [blocked_shape(round_up(n, BLOCK), round_up(k, BLOCK) // BLOCK)]  # one per 32 values, swizzled
+
+
+def _kitchen(tensors: dict, conf: dict, shape) -> torch.Tensor:
+    return kitchen_dequantize("TensorCoreMXFP8Layout", tensors["weight"], shape,
+                              scale=tensors["weight_scale"].view(torch.float8_e8m0fnu))
+
+
+CONTRACT = FormatContract(
+    "mxfp8",
+    (stored_weight("F8_E4M3"),
+     Companion("weight_scale", ("U8",), _block_scale_shapes, values="e8m0"),  # ComfyUI has no F8_E8M0 tag
+     Companion("input_scale", None, None, required=False, values="activation")),
+    _kitchen, typical=0.08, block=BLOCK)
+
+
 class MXFP8(Format):
-    name = "mxfp8"
+    contract = CONTRACT
     label = "mxfp8"
     heur_block = BLOCK
 
@@ -47,7 +65,3 @@ class MXFP8(Format):
         exponents = from_blocked(tensors["weight_scale"].view(torch.uint8), data.shape[0], data.shape[1] // BLOCK)
         scale = e8m0_to_float(exponents).repeat_interleave(BLOCK, dim=1)
         return (data.float() * scale)[:n, :k]
-
-    def layout(self, shape):
-        np_, kp = round_up(shape[0], BLOCK), round_up(shape[1], BLOCK)
-        return [("weight", "F8_E4M3", (np_, kp)), ("weight_scale", "U8", blocked_shape(np_, kp // BLOCK))]

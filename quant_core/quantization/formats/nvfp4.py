@@ -6,6 +6,7 @@ import torch
 
 from .base import Format, Grid, exact_div
 from .blocked import blocked_shape, from_blocked, pad_to, round_up, to_blocked
+from .contract import Companion, FormatContract, kitchen_dequantize, one_element, stored_weight
 
 BLOCK = 16
 E2M1_MAX = 6.0
@@ -33,8 +34,27 @@ def e2m1_values(codes: torch.Tensor) -> torch.Tensor:
     return flat.reshape(codes.shape)
 
 
+def _block_scale_shapes(n: int, k: int, conf: dict):
+    return [blocked_shape(round_up(n, BLOCK), round_up(k, BLOCK) // BLOCK)]  # one per 16 values, swizzled
+
+
+def _kitchen(tensors: dict, conf: dict, shape) -> torch.Tensor:
+    return kitchen_dequantize("TensorCoreNVFP4Layout", tensors["weight"], shape, scale=tensors["weight_scale_2"],
+                              block_scale=tensors["weight_scale"])
+
+
+CONTRACT = FormatContract(
+    "nvfp4",
+    (stored_weight("U8"),  # two E2M1 codes per byte
+     Companion("weight_scale", ("F8_E4M3",), _block_scale_shapes, values="nonnegative"),  # 0: an all-zero block
+     Companion("weight_scale_2", ("F32",), one_element, values="nonnegative"),
+     Companion("input_scale", ("F32",), one_element, required=False, values="activation"),
+     Companion("pre_quant_scale", None, None, required=False, values="finite")),
+    _kitchen, typical=0.2, block=BLOCK, pack=2)
+
+
 class NVFP4(Format):
-    name = "nvfp4"
+    contract = CONTRACT
     label = "nvfp4"
 
     def grid(self, weight, global_scale: torch.Tensor | None = None):
@@ -73,9 +93,3 @@ class NVFP4(Format):
         block_fp8 = from_blocked(tensors["weight_scale"], np_, kp // BLOCK)
         total = tensors["weight_scale_2"].float() * block_fp8.float()
         return (e2m1_values(nibbles) * total.repeat_interleave(BLOCK, dim=1))[:n, :k]
-
-    def layout(self, shape):
-        np_, kp = round_up(shape[0], BLOCK), round_up(shape[1], BLOCK)
-        return [("weight", "U8", (np_, kp // 2)),
-                ("weight_scale", "F8_E4M3", blocked_shape(np_, kp // BLOCK)),
-                ("weight_scale_2", "F32", ())]
