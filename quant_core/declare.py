@@ -73,7 +73,8 @@ def check(name: str, spec: Spec, value: Any) -> Any:
     if spec.kind is str and not isinstance(value, str):
         raise QuantError(f"{label} must be a string, got {type(value).__name__}")
     if spec.choices is not None and value not in spec.choices:
-        raise QuantError(f"{label}: {value!r} is not one of {', '.join(map(str, spec.choices))}")
+        raise QuantError(f"unknown {name.replace('_', ' ')} {value!r} ({label}: choose from "
+                         f"{', '.join(map(str, spec.choices))})")
     return value
 
 
