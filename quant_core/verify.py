@@ -57,15 +57,18 @@ class VerifyResult:
 
 
 def verify_file(path: str, reference: str | None = None, allow_legacy: bool = False,
-                reference_transform=None) -> VerifyResult:
-    """Check `path` against every rule of FORMATS.md; with `reference`, also compare each layer to the source.
-    `reference_transform(key, tensor)` rewrites reference tensors first (e.g. merges the same LoRAs)."""
+                reference_transform=None, on_layer=None) -> VerifyResult:
+    """Check `path` against every rule of docs/FORMATS.md; with `reference`, also compare each layer to the source.
+    `reference_transform(key, tensor)` rewrites reference tensors first (e.g. merges the same LoRAs). `on_layer()`
+    is called before each layer is checked or compared; it may raise to stop (a cancelled run)."""
     result = VerifyResult(path)
+    tick = on_layer or (lambda: None)
     with SafetensorsReader(path, low_memory=True) as reader:
         confs = _read_markers(reader, result)
         _check_header_metadata(reader, confs, result)
         suffixes = suffixes_by_layer(reader.keys())
         for layer, conf in confs.items():
+            tick()
             _check_layer(reader, layer, conf, result, suffixes)
         _mark_legacy(result, allow_legacy)
         _check_orphans(reader, confs, result)
@@ -73,7 +76,7 @@ def verify_file(path: str, reference: str | None = None, allow_legacy: bool = Fa
             with SafetensorsReader(reference, low_memory=True) as source:
                 if reference_transform is not None:
                     source = _Transformed(source, reference_transform)
-                _compare_with_source(reader, source, confs, result)
+                _compare_with_source(reader, source, confs, result, tick)
             result.checked_reference = True
     return result
 
@@ -204,10 +207,11 @@ def dequantize_with_comfy_kitchen(name: str, tensors: dict[str, torch.Tensor], c
     return contract.dequantize(tensors, conf, shape)
 
 
-def _compare_with_source(reader, source, confs: dict, result: VerifyResult) -> None:
+def _compare_with_source(reader, source, confs: dict, result: VerifyResult, tick) -> None:
     checks = {c.layer: c for c in result.layers}
     keys, source_keys = set(reader.keys()), set(source.keys())
     for layer, conf in confs.items():
+        tick()
         check = checks.get(layer)
         if check is not None and not check.layout_ok:
             continue  # already a defect; its tensors cannot be rebuilt

@@ -76,3 +76,52 @@ def test_a_string_where_a_plan_link_belongs_is_a_clear_error(pack, comfy_dirs, n
         inputs = dict(inputs, calibration="quant_calibration/c.safetensors")
     with pytest.raises(ValueError, match="plan: expected a QUANT_PLAN link"):
         node(pack, node_id).execute(plan="diffusion_models/x.safetensors", **inputs)
+
+
+@pytest.mark.skipif(TREE is None, reason="no ComfyUI tree")
+def test_symlinks_follow_the_documented_policy(pack, comfy_dirs, tmp_path):  # noqa: F811
+    """A link placed in a model folder is followed for reading, but must point at a regular file; errors never echo
+    the content of what a link points at; saving never follows a link out of the destination folder."""
+    model = tiny_model(comfy_dirs)
+    plan = node(pack, "QuantCoreLoadSafetensors").execute(model=model)[0]
+    secret = tmp_path / "secret.txt"
+    secret.write_bytes(b"API_KEY=0123456789abcdef\n")
+    os.symlink(secret, comfy_dirs["loras"] / "evil.safetensors")
+    os.mkfifo(tmp_path / "fifo")
+    os.symlink(tmp_path / "fifo", comfy_dirs["loras"] / "fifo.safetensors")
+    import folder_paths
+    folder_paths.filename_list_cache.clear()
+    merge = node(pack, "QuantCoreMergeLoRA")
+    with pytest.raises(ValueError) as refused:
+        merge.execute(plan=plan, lora="loras/evil.safetensors", strength=1.0)
+    leaked = str(int.from_bytes(b"API_KEY=", "little"))
+    assert leaked not in str(refused.value) and "API_KEY" not in str(refused.value)
+    message = merge.validate_inputs(lora="loras/fifo.safetensors", strength=1.0)
+    assert isinstance(message, str) and "not a regular file" in message
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    os.symlink(outside, comfy_dirs["output"] / "linked")
+    save = node(pack, "QuantCoreSaveQuantized")
+    quantized = node(pack, "QuantCoreQuantizeFP8").execute(plan=plan, **quant_inputs(fp8_type="e4m3fn"))[0]
+    with pytest.raises(ValueError, match="leaves the output folder"):
+        save.execute(plan=quantized, filename_prefix="linked/model", destination="output", verify="cheap")
+    assert not list(outside.iterdir())
+
+
+@pytest.mark.parametrize("verify", ["cheap", "full"])
+def test_cancel_during_the_final_verify_leaves_no_file(biased_model, tmp_path, verify):
+    """The progress callback is also consulted while the written file is verified; raising there (ComfyUI's
+    Cancel) stops the run before the file is published."""
+    calls = []
+
+    class Cancelled(Exception):
+        pass
+
+    def on_layer(done, total):
+        calls.append((done, total))
+        if done == total and calls.count((total, total)) > 1:  # the stream is over: we are in the final checks
+            raise Cancelled
+    out = tmp_path / "o.safetensors"
+    with pytest.raises(Cancelled):
+        quant_core.quantize(biased_model, str(out), verify=verify, on_layer=on_layer)
+    assert not os.path.exists(out) and not [p for p in os.listdir(tmp_path) if p.startswith(".")]
