@@ -14,7 +14,7 @@ from comfy_api.latest import io
 from .. import quant_core
 from ..quant_core import KEEP, QUANTIZE, QuantError
 from . import paths
-from .recipe import QuantRecipe
+from .recipe import QuantRecipe, require_plan
 from .types import CATEGORY, QuantPlan
 
 VERIFY_LEVELS = ["cheap", "full"]
@@ -64,6 +64,7 @@ class SaveQuantized(io.ComfyNode):
         if problem is not True:
             raise ValueError(problem)
         from .progress import layer_progress
+        plan = require_plan(plan)
         path, display = paths.save_path(filename_prefix, destination)
         try:
             job = plan.job(verify=verify)
@@ -102,6 +103,8 @@ class VerifyQuantized(io.ComfyNode):
     @classmethod
     def validate_inputs(cls, file, reference):
         try:
+            if file != NO_FILE:
+                paths.resolve(file, paths.VERIFY_FOLDERS)
             if reference != NO_REFERENCE:
                 paths.resolve(reference, paths.SOURCE_FOLDERS)
         except ValueError as e:
@@ -115,9 +118,8 @@ class VerifyQuantized(io.ComfyNode):
         target = paths.confine(path, paths.VERIFY_FOLDERS) if path else paths.resolve(file, paths.VERIFY_FOLDERS)
         source = None if reference == NO_REFERENCE else paths.resolve(reference, paths.SOURCE_FOLDERS)
         from .progress import check_interrupted
-        check_interrupted()
         try:
-            result = quant_core.verify_file(target, reference=source, allow_legacy=True)
+            result = quant_core.verify_file(target, reference=source, allow_legacy=True, on_layer=check_interrupted)
         except QuantError as e:
             raise ValueError(str(e)) from None
         report = verification_report(result, paths.display_name(target, paths.VERIFY_FOLDERS))

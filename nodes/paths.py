@@ -71,8 +71,8 @@ def confine(path: str, folders: tuple[str, ...]) -> str:
     """An absolute path (e.g. from Save Quantized's output) checked to lie inside one of the folders."""
     path = os.path.abspath(path)
     for folder in folders:
-        if any(_inside(path, base) for base in _directories(folder)) and os.path.isfile(path):
-            return path
+        if any(_inside(path, base) for base in _directories(folder)) and os.path.lexists(path):
+            return _regular_target(path, path)
     raise ValueError(f"{path}: not a file inside ComfyUI's {', '.join(folders)} folders")
 
 

@@ -125,3 +125,11 @@ def test_cancel_during_the_final_verify_leaves_no_file(biased_model, tmp_path, v
     with pytest.raises(Cancelled):
         quant_core.quantize(biased_model, str(out), verify=verify, on_layer=on_layer)
     assert not os.path.exists(out) and not [p for p in os.listdir(tmp_path) if p.startswith(".")]
+
+
+@pytest.mark.skipif(TREE is None, reason="no ComfyUI tree")
+@pytest.mark.parametrize("name", ["../../etc/passwd", "/etc/passwd", "output/../../etc/passwd", "output/nothere.safetensors"])
+def test_verify_node_refuses_bad_file_names_at_validation(pack, comfy_dirs, name):  # noqa: F811
+    verify = node(pack, "QuantCoreVerifyQuantized")
+    message = verify.validate_inputs(file=name, reference="none")
+    assert isinstance(message, str) and name in message
