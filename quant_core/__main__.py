@@ -1,5 +1,6 @@
 import os
 import signal
+import stat
 import sys
 
 
@@ -25,16 +26,34 @@ def read_ahead_input(argv: list[str]) -> None:
             path = arg.split("=", 1)[1]
     if path is None or not hasattr(os, "posix_fadvise"):
         return
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return  # the CLI reports it properly
+    fd = _open_if_regular(path)
+    if fd is None:
+        return  # missing, a FIFO, a device…: the CLI reports it properly
     try:
         os.posix_fadvise(fd, 0, EARLY_READ_AHEAD_BYTES, os.POSIX_FADV_WILLNEED)
     except OSError:
         pass  # advisory only
     finally:
         os.close(fd)
+
+
+def _open_if_regular(path: str) -> int | None:
+    """A read-only fd of `path` if it is a regular file, else None. Torch-free (this runs before torch is imported),
+    so not `quant_core.io.reader.open_regular`, but the same rule: stat first (opening a FIFO blocks until a writer
+    comes), then a non-blocking open checked again (nothing swapped in between can block it)."""
+    try:
+        if not stat.S_ISREG(os.stat(path).st_mode):
+            return None
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    except OSError:
+        return None
+    try:
+        if stat.S_ISREG(os.fstat(fd).st_mode):
+            return fd
+    except OSError:
+        pass
+    os.close(fd)
+    return None
 
 
 def run() -> int:

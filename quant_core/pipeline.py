@@ -19,7 +19,7 @@ from . import __version__
 from .calib.source import build_source
 from .errors import QuantError
 from .io.reader import SafetensorsReader
-from .io.writer import StreamingWriter, header_reserve
+from .io.writer import StreamingWriter, check_target, header_reserve, write_file_atomic
 from .job import Job
 from .quantization.bias import LayerCalibration
 from .quantization.formats.markers import MARKER, MARKER_SUFFIX, QUANT_METADATA_KEY, header_metadata
@@ -71,7 +71,7 @@ def convert(input_path: str, output_path: str | None, job: Job,
         require_work(plan, input_path, fp16=job.quantize.format == "fp16")
         _refuse_name_collisions(reader, plan, input_path)
         output_path = output_path or default_output_name(input_path, job)
-        _check_output_path(input_path, output_path)
+        _check_output_path(input_path, output_path, job)
         merger = _lora_merger(reader, plan, job)
         calibration = _calibration(reader, plan, job)
         extras = _calibration_extras(reader, plan, job, merger)
@@ -85,11 +85,20 @@ def convert(input_path: str, output_path: str | None, job: Job,
     if on_cuda:
         result.peak_gpu_bytes = torch.cuda.max_memory_allocated(device)
     if job.output.report_path:
-        result.report.write_json(job.output.report_path, {
+        _write_report(result, job, {
             "output": result.output, "method": job.method, "seconds": result.seconds, "device": str(device),
             "peak_gpu_bytes": result.peak_gpu_bytes, "notes": result.notes,
             "kept": {d.key: d.reason for d in plan.of(KEEP) if d.reason}})
     return result
+
+
+def _write_report(result: ConvertResult, job: Job, extra: dict) -> None:
+    """The JSON report, written like the output (atomic; its place was checked before the conversion started)."""
+    data = json.dumps(result.report.to_json(extra), indent=2).encode()
+    try:
+        write_file_atomic(job.output.report_path, data, overwrite=job.output.overwrite)
+    except QuantError as e:
+        raise QuantError(f"{e} (the converted file {result.output} is complete)") from None
 
 
 def _lora_merger(reader: SafetensorsReader, plan: Plan, job: Job):
@@ -208,17 +217,24 @@ def _refuse_name_collisions(reader: SafetensorsReader, plan: Plan, path: str) ->
                                  "quantized export?); use the original weights or --exclude-layers for that layer")
 
 
-def _check_output_path(input_path: str, output_path: str) -> None:
-    if os.path.abspath(output_path) == os.path.abspath(input_path) or (
-            os.path.exists(output_path) and os.path.samefile(output_path, input_path)):
-        raise QuantError(f"{output_path}: output path equals the input; choose another -o")
-    if os.path.isdir(output_path):
-        raise QuantError(f"{output_path}: is a directory; give a file name for the output")
-    directory = os.path.dirname(os.path.abspath(output_path))
-    if not os.path.isdir(directory):
-        raise QuantError(f"{output_path}: output directory {directory} does not exist")
-    if not os.access(directory, os.W_OK):
-        raise QuantError(f"{output_path}: output directory {directory} is not writable")
+def _user_files(input_path: str, job: Job) -> list[tuple[str, str]]:
+    """(role, path) of every file the run reads: none of them may be replaced by the output or the report."""
+    files = [("input", input_path), ("calibration file", job.calibration.calibration_data),
+             ("calibration LoRA", job.calibration.calibration_lora)]
+    files += [("LoRA", path) for path, _ in job.lora.loras]
+    for role, value in (("layer config", job.select.layer_config), ("LoRA mapping", job.lora.lora_mapping)):
+        if isinstance(value, str):
+            files.append((role, value))
+    return [(role, path) for role, path in files if path]
+
+
+def _check_output_path(input_path: str, output_path: str, job: Job) -> None:
+    """The output and the report go where the rules allow (io.writer.check_target), decided before any work."""
+    inputs = _user_files(input_path, job)
+    check_target(output_path, inputs, job.output.overwrite, what="output", flag="-o")
+    if job.output.report_path:
+        check_target(job.output.report_path, inputs + [("output", output_path)], job.output.overwrite,
+                     what="report", flag="--report")
 
 
 def _planned_entries(reader: SafetensorsReader, plan: Plan, input_scales: dict):

@@ -13,9 +13,11 @@ import argparse
 import os
 
 import torch
+from tqdm import tqdm
 
 from ..errors import QuantError
-from ..io.reader import SafetensorsReader
+from ..io.reader import SafetensorsReader, open_regular, require_regular
+from ..io.writer import check_target
 from ..calib.file import save_calibration
 from ..calib.record import record_activation_stats
 from ..calib.stats import InputStats
@@ -39,33 +41,52 @@ def build_parser():
                    help="store the [K,K] Hessian per layer (default on; layers with K > 16384 keep the diagonal only)")
     p.add_argument("--heldout-every", type=int, default=0, metavar="N",
                    help="send every N-th sample to held-out statistics (for the report's held-out output SQNR)")
-    p.add_argument("--no-progress", action="store_true", help="accepted for symmetry with the converter")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
 
 def run_calibrate(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
-    if not os.path.isfile(args.input):
-        raise QuantError(f"{args.input}: no such file")
-    if (args.hf_model is None) != (args.text is None):
-        raise QuantError("--hf-model and --text go together (a model to run and the text to run it on)")
+    _check_files(args)
     if args.samples < 1 or args.heldout_every < 0:
         raise QuantError("--samples must be positive and --heldout-every 0 or more")
+    progress = not args.no_progress
     if args.hf_model:
-        stats = calibrate_transformers(args.input, args.hf_model, args.text, args.hessian, args.heldout_every)
+        stats = calibrate_transformers(args.input, args.hf_model, args.text, args.hessian, args.heldout_every, progress)
         source = f"transformers {os.path.basename(os.path.normpath(args.hf_model))} on {os.path.basename(args.text)}"
     else:
-        stats = calibrate_synthetic(args.input, args.samples, args.seed, args.hessian, args.heldout_every)
+        stats = calibrate_synthetic(args.input, args.samples, args.seed, args.hessian, args.heldout_every, progress)
         source = f"synthetic N(0, I), {args.samples} samples, seed {args.seed}"
     for layer_stats in stats.values():
         layer_stats.input_scale = layer_stats.absmax.max().reshape(()) / E4M3_MAX
-    save_calibration(args.output, stats, source)
+    save_calibration(args.output, stats, source, overwrite=args.overwrite)
     tokens = max((s.n_tokens for s in stats.values()), default=0)
     print(f"wrote {args.output}: {len(stats)} layers, up to {tokens} tokens per layer ({source})")
     return 0
 
 
-def calibrate_synthetic(path: str, samples: int, seed: int, hessian: bool, heldout_every: int) -> dict[str, InputStats]:
+def _check_files(args) -> None:
+    """Everything about the files, before any work: the inputs are regular files (a FIFO would block the read),
+    and the output goes where the converter's output may (never over an input, an existing file only with
+    --overwrite, into a folder that exists)."""
+    if (args.hf_model is None) != (args.text is None):
+        raise QuantError("--hf-model and --text go together (a model to run and the text to run it on)")
+    for flag, path in (("-i", args.input), ("--text", args.text)):
+        if path is None:
+            continue
+        try:
+            require_regular(path, flag)
+        except FileNotFoundError:
+            raise QuantError(f"{path}: no such file") from None
+        except OSError as e:
+            raise QuantError(f"{path}: cannot read: {e.strerror or e}") from None
+    check_target(args.output, [("input", args.input), ("text file", args.text)], args.overwrite,
+                 what="calibration file")
+
+
+def calibrate_synthetic(path: str, samples: int, seed: int, hessian: bool, heldout_every: int,
+                        progress: bool = False) -> dict[str, InputStats]:
     """Statistics of x ~ N(0, I_K) fed to every 2-D floating-point weight of the file (same recorder as real runs)."""
     layers = torch.nn.ModuleDict()
     names = {}
@@ -80,7 +101,7 @@ def calibrate_synthetic(path: str, samples: int, seed: int, hessian: bool, heldo
     gen = torch.Generator().manual_seed(seed)
 
     def run():
-        for layer in layers.values():
+        for layer in tqdm(layers.values(), desc="calibrate", unit="layer", disable=not progress, dynamic_ncols=True):
             for start in range(0, samples, SYNTHETIC_BATCH):
                 layer(torch.randn(min(SYNTHETIC_BATCH, samples - start), layer.in_features, generator=gen))
     recorded = record_activation_stats(layers, run, hessian=hessian, heldout_every=heldout_every)
@@ -88,24 +109,27 @@ def calibrate_synthetic(path: str, samples: int, seed: int, hessian: bool, heldo
 
 
 def calibrate_transformers(path: str, model_dir: str, text_path: str, hessian: bool,
-                           heldout_every: int) -> dict[str, InputStats]:
+                           heldout_every: int, progress: bool = False) -> dict[str, InputStats]:
     """Run a transformers model (weights from `path`) on each line of `text_path`, recording Linear inputs."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     try:
         from transformers import AutoModel, AutoTokenizer
     except ImportError:
         raise QuantError("--hf-model needs the transformers package (pip install transformers)") from None
-    from safetensors.torch import load_file
-    with open(text_path, encoding="utf-8") as f:
-        lines = [line.strip() for line in f if line.strip()]
+    try:
+        with open_regular(text_path, "--text", "r", encoding="utf-8") as f:
+            lines = [line.strip() for line in f if line.strip()]
+    except (OSError, UnicodeDecodeError) as e:
+        raise QuantError(f"{text_path}: cannot read the text: {getattr(e, 'strerror', None) or e}") from None
     if not lines:
         raise QuantError(f"{text_path}: no text lines")
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModel.from_pretrained(model_dir).eval()
-    model.load_state_dict(load_file(path), strict=False)
+    with SafetensorsReader(path) as reader:  # file reads, not a memory map: a truncated file is an error, not SIGBUS
+        model.load_state_dict({key: reader.get_tensor(key) for key in reader.keys()}, strict=False)
 
     def run():
-        for line in lines:
+        for line in tqdm(lines, desc="calibrate", unit="line", disable=not progress, dynamic_ncols=True):
             model(**tokenizer(line, return_tensors="pt", truncation=True))
     return record_activation_stats(model, run, hessian=hessian, heldout_every=heldout_every)
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 from dataclasses import dataclass
 from typing import Iterable, Iterator
 
@@ -41,6 +42,43 @@ class TensorInfo:
         return n
 
 
+_NOT_REGULAR = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO (named pipe)"),
+                (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
+
+
+def refuse_irregular(mode: int, label: str) -> None:
+    """QuantError unless `mode` (an st_mode) is a regular file's; `label` names the file in the message."""
+    if not stat.S_ISREG(mode):
+        kind = next((name for test, name in _NOT_REGULAR if test(mode)), "a special file")
+        raise QuantError(f"{label}: is {kind}, not a regular file")
+
+
+def require_regular(path: str, what: str = "") -> os.stat_result:
+    """Stat `path` (through links) and refuse anything but a regular file, without opening it: opening a FIFO
+    blocks until a writer comes, and a device can have effects. OSError (missing, no permission) propagates.
+    `what` names the role in the message (e.g. "--calibration-data")."""
+    info = os.stat(path)
+    refuse_irregular(info.st_mode, f"{what} {path}" if what else path)
+    return info
+
+
+def open_regular(path: str, what: str = "", mode: str = "rb", buffering: int = -1, encoding: str | None = None):
+    """Open a user's file for reading, refusing anything but a regular file before it can block (every place that
+    reads a user file goes through this). The open itself is non-blocking and the opened file is checked again,
+    so a FIFO swapped in after the stat cannot hang it either. OSError propagates for the caller to word."""
+    require_regular(path, what)
+    nonblock = getattr(os, "O_NONBLOCK", 0)
+    fd = os.open(path, os.O_RDONLY | nonblock | getattr(os, "O_BINARY", 0))
+    try:
+        refuse_irregular(os.fstat(fd).st_mode, f"{what} {path}" if what else path)
+        if nonblock:
+            os.set_blocking(fd, True)
+    except BaseException:
+        os.close(fd)
+        raise
+    return os.fdopen(fd, mode, buffering=buffering, encoding=encoding)
+
+
 def _looks_like_pickle(head: bytes) -> bool:
     # zip container (torch.save >= 1.6) or a raw pickle stream (protocol 2+ starts with 0x80)
     return head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"
@@ -61,26 +99,35 @@ def read_header(path: str) -> tuple[dict[str, TensorInfo], dict[str, str], int]:
     Returns (tensors in file order, `__metadata__` dict, data start offset in bytes). Raises QuantError with a
     one-line message for anything that is not a well-formed safetensors file.
     """
+    with _open_safetensors(path) as f:
+        return _parse_header(f, path)
+
+
+def _open_safetensors(path: str):
+    """The file opened for reading (unbuffered), after the checks that need no byte of it."""
     if path.lower().endswith(PICKLE_SUFFIXES):
         raise QuantError(f"{path}: pickle checkpoints are refused (they can run code when loaded); "
                          "convert it to .safetensors with a tool you trust first")
     try:
-        size = os.path.getsize(path)
-        with open(path, "rb") as f:
-            head = f.read(8)
-            header_len = int.from_bytes(head, "little")
-            if len(head) < 8 or header_len == 0 or header_len > MAX_HEADER_BYTES or 8 + header_len > size:
-                if header_len > MAX_HEADER_BYTES and 8 + header_len <= size:
-                    raise QuantError(f"{path}: header of {header_len} bytes exceeds the {MAX_HEADER_BYTES >> 20} MB "
-                                     "limit of the safetensors format")
-                if _looks_like_pickle(head):
-                    raise QuantError(f"{path}: this is a pickle/zip checkpoint, not safetensors; it is refused, never unpickled")
-                if len(head) < 8:
-                    raise QuantError(f"{path}: not a safetensors file ({size} bytes, too short for a header)")
-                raise QuantError(f"{path}: not a safetensors file or truncated (header length {header_len}, file size {size})")
-            raw = f.read(header_len)
+        return open_regular(path, buffering=0)
     except OSError as e:
         raise QuantError(f"{path}: cannot read: {e.strerror or e}") from None
+
+
+def _parse_header(f, path: str) -> tuple[dict[str, TensorInfo], dict[str, str], int]:
+    """Read and validate the header of the open file `f` (the same open file the tensors are then read from)."""
+    try:
+        size = os.fstat(f.fileno()).st_size
+        f.seek(0)
+        head = _read_up_to(f, 8)
+        header_len = int.from_bytes(head, "little")
+        if len(head) < 8 or header_len == 0 or header_len > MAX_HEADER_BYTES or 8 + header_len > size:
+            _refuse_bad_length(path, head, header_len, size)
+        raw = _read_up_to(f, header_len)
+    except OSError as e:
+        raise QuantError(f"{path}: cannot read: {e.strerror or e}") from None
+    if len(raw) < header_len:
+        raise QuantError(f"{path}: truncated while reading its header")
     try:
         header = json.loads(raw.decode("utf-8"), object_pairs_hook=_reject_duplicates)
     except (UnicodeDecodeError, ValueError, RecursionError) as e:
@@ -93,6 +140,29 @@ def read_header(path: str) -> tuple[dict[str, TensorInfo], dict[str, str], int]:
         raise QuantError(f"{path}: malformed __metadata__ (must map strings to strings)")
     tensors = _validate_entries(path, header, data_start, size)
     return tensors, metadata, data_start
+
+
+def _refuse_bad_length(path: str, head: bytes, header_len: int, size: int):
+    if header_len > MAX_HEADER_BYTES and 8 + header_len <= size:
+        raise QuantError(f"{path}: header of {header_len} bytes exceeds the {MAX_HEADER_BYTES >> 20} MB "
+                         "limit of the safetensors format")
+    if _looks_like_pickle(head):
+        raise QuantError(f"{path}: this is a pickle/zip checkpoint, not safetensors; it is refused, never unpickled")
+    if len(head) < 8:
+        raise QuantError(f"{path}: not a safetensors file ({size} bytes, too short for a header)")
+    raise QuantError(f"{path}: not a safetensors file or truncated (header length {header_len}, file size {size})")
+
+
+def _read_up_to(f, n: int) -> bytes:
+    """n bytes from an unbuffered file, fewer only at its end."""
+    parts, got = [], 0
+    while got < n:
+        part = f.read(n - got)
+        if not part:
+            break
+        parts.append(part)
+        got += len(part)
+    return b"".join(parts)
 
 
 def _validate_entries(path: str, header: dict, data_start: int, size: int) -> dict[str, TensorInfo]:
@@ -138,8 +208,12 @@ class SafetensorsReader:
     def __init__(self, path: str, low_memory: bool = True):
         self.path = path
         self.low_memory = low_memory
-        self._infos, self._metadata, self._data_start = read_header(path)
-        self._file = open(path, "rb", buffering=0)
+        self._file = _open_safetensors(path)  # header and tensors from this one open file
+        try:
+            self._infos, self._metadata, self._data_start = _parse_header(self._file, path)
+        except BaseException:
+            self._file.close()
+            raise
         self._cache: dict[str, torch.Tensor] = {}
         if not low_memory:
             for name in self._infos:

@@ -20,6 +20,7 @@ import re
 from dataclasses import dataclass
 
 from ..errors import QuantError
+from ..io.reader import open_regular
 from ..quantization.formats import FORMAT_FAMILIES, Format, make_format
 
 RULE_KEYS = {"match", "skip", "format", "scaling", "block_size", "convrot", "full_precision_matrix_mult"}
@@ -51,7 +52,7 @@ def load_layer_config(source, defaults) -> list[LayerRule]:
     where = source if isinstance(source, str) else "layer config"
     if isinstance(source, str):
         try:
-            with open(source, encoding="utf-8") as f:
+            with open_regular(source, "--layer-config", "r", encoding="utf-8") as f:  # a FIFO is refused, not read
                 source = json.load(f)
         except OSError as e:
             raise QuantError(f"{where}: cannot read layer config: {e.strerror or e}") from None
