@@ -123,15 +123,48 @@ def calibrate_transformers(path: str, model_dir: str, text_path: str, hessian: b
         raise QuantError(f"{text_path}: cannot read the text: {getattr(e, 'strerror', None) or e}") from None
     if not lines:
         raise QuantError(f"{text_path}: no text lines")
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModel.from_pretrained(model_dir).eval()
-    with SafetensorsReader(path) as reader:  # file reads, not a memory map: a truncated file is an error, not SIGBUS
-        model.load_state_dict({key: reader.get_tensor(key) for key in reader.keys()}, strict=False)
+    tokenizer, model, forward = _load_transformers(model_dir, AutoModel, AutoTokenizer)
+    _load_weights(model, path, model_dir)
 
     def run():
         for line in tqdm(lines, desc="calibrate", unit="line", disable=not progress, dynamic_ncols=True):
-            model(**tokenizer(line, return_tensors="pt", truncation=True))
+            batch = tokenizer(line, return_tensors="pt", truncation=True)
+            try:
+                forward(**{k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "token_type_ids")})
+            except Exception as e:  # noqa: BLE001 (any failure of a third-party model is one line for the user)
+                raise QuantError(f"--hf-model {model_dir}: the model failed on a text line "
+                                 f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
     return record_activation_stats(model, run, hessian=hessian, heldout_every=heldout_every)
+
+
+def _load_transformers(model_dir: str, auto_model, auto_tokenizer):
+    """(tokenizer, model, the callable run on each line). Encoder-decoder models (T5) run their encoder only: the
+    text encoders ComfyUI uses are encoders, and the decoder would need decoder inputs."""
+    from transformers.utils import logging as transformers_logging
+    transformers_logging.disable_progress_bar()  # its loading bars and warnings are not ours to print
+    transformers_logging.set_verbosity_error()
+    try:
+        tokenizer = auto_tokenizer.from_pretrained(model_dir)
+        model = auto_model.from_pretrained(model_dir).eval()
+    except Exception as e:  # noqa: BLE001 (transformers raises many types for a directory it cannot use)
+        raise QuantError(f"--hf-model {model_dir}: cannot load a tokenizer and model from it "
+                         f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+    if getattr(model.config, "is_encoder_decoder", False) and hasattr(model, "get_encoder"):
+        return tokenizer, model, model.get_encoder()
+    return tokenizer, model, model
+
+
+def _load_weights(model, path: str, model_dir: str) -> None:
+    """The weights of `-i` into the model; refused when none of its keys names a parameter of the model (the
+    statistics would then describe the model directory's own weights, under names the converter never sees)."""
+    with SafetensorsReader(path) as reader:  # file reads, not a memory map: a truncated file is an error, not SIGBUS
+        tensors = {key: reader.get_tensor(key) for key in reader.keys()}
+    own = model.state_dict()
+    matched = [key for key in tensors if key in own and tuple(own[key].shape) == tuple(tensors[key].shape)]
+    if not matched:
+        raise QuantError(f"{path}: none of its tensors matches a parameter of the model in {model_dir} (names or "
+                         "shapes differ); give the checkpoint that belongs to that model")
+    model.load_state_dict({key: tensors[key] for key in matched}, strict=False)
 
 
 def main() -> int:
