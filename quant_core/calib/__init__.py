@@ -1,4 +1,4 @@
-"""Calibration: per-layer input statistics (FORMATS.md §4) — file I/O, streaming accumulation, recording from a
+"""Calibration: per-layer input statistics (docs/CALIBRATION.md) — file I/O, streaming accumulation, recording from a
 module run (forward hooks), synthetic and LoRA-informed sources."""
 from .file import CalibrationFile, load_calibration, save_calibration
 from .record import record_activation_stats

@@ -1,4 +1,4 @@
-"""The calibration statistics file (FORMATS.md §4): one safetensors file, keys `<layer>.<statistic>`.
+"""The calibration statistics file (docs/CALIBRATION.md): one safetensors file, keys `<layer>.<statistic>`.
 
 Besides the keys of §4 this project writes two optional ones (README "Calibration file"): `<layer>.input_mean`
 (fp32 [K], E[x], for bias correction), `<layer>.heldout_hessian` (fp32 [K,K], E[x xᵀ] over tokens the methods do

@@ -1,4 +1,4 @@
-"""Per-layer input statistics (FORMATS.md §4) and their streaming accumulation.
+"""Per-layer input statistics (docs/CALIBRATION.md) and their streaming accumulation.
 
 A Linear layer y = x·Wᵀ + b sees inputs x ∈ R^K. What the methods need of those inputs:
 the second moment H = E[x xᵀ] (GPTQ/QuIP Hessian, up to a factor 2), its diagonal E[x_k²] when H is too large to

@@ -1,4 +1,4 @@
-"""`calibrate_activation_scales` / `python -m quant_core calibrate`: write a FORMATS.md §4 calibration file.
+"""`calibrate_activation_scales` / `python -m quant_core calibrate`: write a docs/CALIBRATION.md calibration file.
 
 Two ways to get inputs:
 - `--hf-model DIR --text FILE`: load a transformers model from DIR with the weights of `-i`, run it on each line
@@ -29,7 +29,7 @@ SYNTHETIC_BATCH = 16  # samples per call (a call is the unit --heldout-every cou
 def build_parser():
     from .parser import OneLineParser
     p = OneLineParser(prog="calibrate_activation_scales",
-                      description="Record per-layer input statistics (FORMATS.md §4) for GPTQ/QuIP/bias correction.")
+                      description="Record per-layer input statistics (docs/CALIBRATION.md) for GPTQ/QuIP/bias correction.")
     p.add_argument("-i", "--input", required=True, help="model .safetensors")
     p.add_argument("-o", "--output", required=True, help="calibration .safetensors to write")
     p.add_argument("--hf-model", metavar="DIR", help="transformers model directory (config + tokenizer) to run")

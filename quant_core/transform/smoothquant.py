@@ -7,7 +7,7 @@ a_k (calibration file) and weight column absmax w_k (max over the group's weight
 
 The preceding layer comes from the declaration table (`fold_pairs.py`). No other form is written: NVFP4's
 `pre_quant_scale` would express 1/s without a preceding layer, but ComfyUI 0.29 never reads it
-(docs/comfyui-loading.md) — a file relying on it computes a different function there — so layers without a
+(docs/FORMATS.md) — a file relying on it computes a different function there — so layers without a
 declared fold are left unsmoothed and listed, one note per layer, with the reason.
 """
 from __future__ import annotations

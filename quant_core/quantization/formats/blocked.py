@@ -1,4 +1,4 @@
-"""The cuBLAS "blocked" (swizzled) layout of block-scale matrices used by nvfp4 and mxfp8 (FORMATS.md §2).
+"""The cuBLAS "blocked" (swizzled) layout of block-scale matrices used by nvfp4 and mxfp8 (docs/FORMATS.md).
 
 Element (r, c) of the logical scale matrix S[R, C] sits at flat offset
 ((r//128)·ceil(C/4) + c//4)·512 + (r%32)·16 + ((r%128)//32)·4 + (c%4) of a [roundup(R,128), roundup(C,4)] matrix.

@@ -1,4 +1,4 @@
-"""Formats of the seed tool that upstream ComfyUI refuses (KeyError on load): `int8_blockwise` (2-D tiles),
+"""Formats of convert-to-quant that upstream ComfyUI refuses (KeyError on load): `int8_blockwise` (2-D tiles),
 `float8_e4m3fn_rowwise` and `float8_e4m3fn_blockwise`. Some forks and custom nodes read them, so they are written
 when the user asks for them explicitly; the CLI warns and `verify` marks them."""
 from __future__ import annotations
