@@ -24,7 +24,8 @@ if hasattr(torch, "float8_e8m0fnu"):
 
 TORCH_TO_TAG: dict[torch.dtype, str] = {dtype: tag for tag, (dtype, _) in SAFETENSORS_DTYPES.items()}
 
-FLOAT_TAGS = frozenset({"F64", "F32", "F16", "BF16"})
+FLOAT_TAGS = frozenset({"F64", "F32", "F16", "BF16"})  # values that need no scale to be read as numbers
+INTEGER_TAGS = frozenset({"I64", "I32", "I16", "I8", "U64", "U32", "U16", "U8"})
 
 
 def element_size(tag: str) -> int:

@@ -5,7 +5,9 @@ the only resident memory is the tensors the caller currently holds. That is what
 """
 from __future__ import annotations
 
+import itertools
 import json
+import math
 import os
 import stat
 from dataclasses import dataclass
@@ -128,18 +130,7 @@ def _parse_header(f, path: str) -> tuple[dict[str, TensorInfo], dict[str, str], 
         raise QuantError(f"{path}: cannot read: {e.strerror or e}") from None
     if len(raw) < header_len:
         raise QuantError(f"{path}: truncated while reading its header")
-    try:
-        header = json.loads(raw.decode("utf-8"), object_pairs_hook=_reject_duplicates)
-    except (UnicodeDecodeError, ValueError, RecursionError) as e:
-        raise QuantError(f"{path}: malformed safetensors header JSON ({str(e)[:100]})") from None
-    if not isinstance(header, dict):
-        raise QuantError(f"{path}: malformed safetensors header (not a JSON object)")
-    data_start = 8 + header_len
-    metadata = header.pop("__metadata__", None) or {}
-    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
-        raise QuantError(f"{path}: malformed __metadata__ (must map strings to strings)")
-    tensors = _validate_entries(path, header, data_start, size)
-    return tensors, metadata, data_start
+    return decode_header(path, raw, 8 + header_len, size)
 
 
 def _refuse_bad_length(path: str, head: bytes, header_len: int, size: int):
@@ -165,31 +156,96 @@ def _read_up_to(f, n: int) -> bytes:
     return b"".join(parts)
 
 
-def _validate_entries(path: str, header: dict, data_start: int, size: int) -> dict[str, TensorInfo]:
-    infos = []
-    for name, entry in header.items():
-        try:
-            dtype, shape, (begin, end) = entry["dtype"], entry["shape"], entry["data_offsets"]
-        except (TypeError, KeyError, ValueError):
-            raise QuantError(f"{path}: header entry {name!r} is malformed") from None
-        if dtype not in SAFETENSORS_DTYPES:
-            raise QuantError(f"{path}: tensor {name!r} has unknown dtype {dtype!r}")
-        if not isinstance(shape, list) or not all(_is_count(d) for d in shape):
-            raise QuantError(f"{path}: tensor {name!r} has an invalid shape {shape!r}")
-        if not (_is_count(begin) and _is_count(end) and begin <= end):
-            raise QuantError(f"{path}: tensor {name!r} has invalid data offsets {[begin, end]}")
-        info = TensorInfo(name, dtype, tuple(shape), data_start + begin, data_start + end)
-        if info.nbytes != info.numel * element_size(dtype):
-            raise QuantError(f"{path}: tensor {name!r} shape {list(shape)} {dtype} needs "
-                             f"{info.numel * element_size(dtype)} bytes but its offsets span {info.nbytes}")
-        if info.end > size:
-            raise QuantError(f"{path}: truncated: tensor {name!r} ends at byte {info.end} but the file has {size}")
-        infos.append(info)
-    by_offset = sorted(infos, key=lambda i: (i.start, i.end))
-    for prev, cur in zip(by_offset, by_offset[1:]):
-        if cur.start < prev.end and cur.nbytes and prev.nbytes:
-            raise QuantError(f"{path}: tensors {prev.name!r} and {cur.name!r} overlap in the file")
-    return {info.name: info for info in infos}
+MAX_DIMS = 64  # safetensors sets no limit; no real tensor comes near it
+MAX_EXTENT = 1 << 63  # bytes a shape may describe, counting its zero dimensions as 1 (torch's int64 sizes)
+ENTRY_KEYS = ("dtype", "shape", "data_offsets")
+
+
+def decode_header(path: str, raw: bytes, data_start: int,
+                  size: int) -> tuple[dict[str, TensorInfo], dict[str, str], int]:
+    """Validate the header bytes `raw` of a file of `size` bytes whose data area starts at `data_start`.
+
+    Every failure is a one-line QuantError: malformed or too deeply nested JSON, `__metadata__` that does not map
+    strings to strings, an entry whose dtype/shape/offsets are of the wrong type or disagree, and data offsets
+    that do not tile the data area exactly (no overlap, no gap, nothing after the last tensor)."""
+    try:
+        header = json.loads(raw.decode("utf-8"), object_pairs_hook=_reject_duplicates)
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise QuantError(f"{path}: malformed safetensors header JSON ({' '.join(str(e).splitlines())[:100]})") from None
+    if not isinstance(header, dict):
+        raise QuantError(f"{path}: malformed safetensors header (not a JSON object)")
+    metadata = header.pop("__metadata__", None)
+    metadata = {} if metadata is None else metadata
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise QuantError(f"{path}: malformed __metadata__ (must map strings to strings)")
+    infos = [_tensor_info(path, name, entry, data_start, size) for name, entry in header.items()]
+    _check_tiling(path, infos, data_start, size)
+    return {info.name: info for info in infos}, metadata, data_start
+
+
+def _tensor_info(path: str, name: str, entry, data_start: int, size: int) -> TensorInfo:
+    where = f"{path}: tensor {brief(name)}"
+    if not isinstance(entry, dict) or any(k not in entry for k in ENTRY_KEYS):
+        raise QuantError(f"{path}: header entry {brief(name)} is malformed (needs dtype, shape and data_offsets)")
+    dtype, shape, offsets = (entry[k] for k in ENTRY_KEYS)
+    if not isinstance(dtype, str) or dtype not in SAFETENSORS_DTYPES:
+        raise QuantError(f"{where} has unknown dtype {brief(dtype)}")
+    if not isinstance(shape, list) or len(shape) > MAX_DIMS or not all(_is_count(d) for d in shape):
+        raise QuantError(f"{where} has an invalid shape {brief(shape)} (a list of at most {MAX_DIMS} "
+                         "non-negative integers)")
+    if math.prod(d or 1 for d in shape) * element_size(dtype) >= MAX_EXTENT:
+        raise QuantError(f"{where} has an absurd shape {brief(shape)} (dimensions beyond 2^63 bytes)")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_count(o) for o in offsets)
+            and offsets[0] <= offsets[1]):
+        raise QuantError(f"{where} has invalid data offsets {brief(offsets)}")
+    info = TensorInfo(name, dtype, tuple(shape), data_start + offsets[0], data_start + offsets[1])
+    if info.nbytes != info.numel * element_size(dtype):
+        raise QuantError(f"{where} shape {brief(shape)} {dtype} needs {info.numel * element_size(dtype)} "
+                         f"bytes but its offsets span {info.nbytes}")
+    if info.end > size:
+        raise QuantError(f"{path}: truncated: tensor {brief(name)} ends at byte {info.end} but the file has {size}")
+    return info
+
+
+def _check_tiling(path: str, infos: list[TensorInfo], data_start: int, size: int) -> None:
+    """The tensors, in offset order, must cover the data area exactly once (the safetensors rule): a tensor that
+    starts before the previous one ends overlaps it (zero-size tensors included), one that starts later leaves a
+    gap, and bytes after the last one are refused too."""
+    end, last = data_start, None
+    for info in sorted(infos, key=lambda i: (i.start, i.end)):
+        if info.start < end:
+            raise QuantError(f"{path}: tensors {brief(last.name)} and {brief(info.name)} overlap in the file "
+                             "(data offsets must tile the data area exactly)")
+        if info.start > end:
+            raise QuantError(f"{path}: {info.start - end} bytes before tensor {brief(info.name)} belong to no "
+                             "tensor (data offsets must tile the data area exactly)")
+        end, last = info.end, info
+    if end != size:
+        raise QuantError(f"{path}: {size - end} bytes after the last tensor belong to no tensor "
+                         "(data offsets must tile the data area exactly)")
+
+
+def brief(value, limit: int = 80) -> str:
+    """A (JSON) value for a one-line message: its repr, cut to `limit` characters and to a few levels and items (a
+    hostile value may be huge, or nested thousands deep, where a plain repr would be slow or overflow)."""
+    text = " ".join(_brief(value, 3).splitlines())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _brief(value, depth: int) -> str:
+    if isinstance(value, str):
+        return repr(value[:200])
+    if isinstance(value, (list, dict)):
+        if depth == 0:
+            return "[...]" if isinstance(value, list) else "{...}"
+        items = list(itertools.islice(value.items() if isinstance(value, dict) else value, 8))
+        shown = [f"{_brief(k, 0)}: {_brief(v, depth - 1)}" for k, v in items] if isinstance(value, dict) else \
+            [_brief(v, depth - 1) for v in items]
+        more = ", ..." if len(value) > len(items) else ""
+        return ("{%s}" if isinstance(value, dict) else "[%s]") % (", ".join(shown) + more)
+    if isinstance(value, int) and value.bit_length() > 256:
+        return f"<{value.bit_length()}-bit integer>"
+    return repr(value)
 
 
 def _is_count(value) -> bool:

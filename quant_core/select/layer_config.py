@@ -1,7 +1,7 @@
 """`--layer-config FILE.json`: per-layer overrides, validated once with errors that name the bad entry.
 
 Schema (first matching rule wins; `match` is a Python regex searched in the layer name, i.e. the weight key
-without `.weight`):
+without `.weight`, and refused unless its matching time is bounded: see `select.rules.REGEX_RULE`):
 
     {"rules": [
         {"match": "double_blocks\\.0\\.", "skip": true},
@@ -20,8 +20,9 @@ import re
 from dataclasses import dataclass
 
 from ..errors import QuantError
-from ..io.reader import open_regular
+from ..io.reader import brief, open_regular
 from ..quantization.formats import FORMAT_FAMILIES, Format, make_format
+from .rules import compile_regex
 
 RULE_KEYS = {"match", "skip", "format", "scaling", "block_size", "convrot", "full_precision_matrix_mult"}
 SEED_KEY_ALIASES = {"scaling_mode": "scaling", "group_size": "block_size", "pattern": "match", "regex": "match",
@@ -56,8 +57,8 @@ def load_layer_config(source, defaults) -> list[LayerRule]:
                 source = json.load(f)
         except OSError as e:
             raise QuantError(f"{where}: cannot read layer config: {e.strerror or e}") from None
-        except ValueError as e:
-            raise QuantError(f"{where}: malformed layer config JSON: {e}") from None
+        except (ValueError, RecursionError) as e:  # RecursionError: JSON nested too deeply
+            raise QuantError(f"{where}: malformed layer config JSON: {' '.join(str(e).splitlines())[:200]}") from None
     entries = _entries(source, where)
     return [_rule(i, entry, where, defaults) for i, entry in enumerate(entries)]
 
@@ -85,14 +86,12 @@ def _rule(index: int, entry, where: str, defaults) -> LayerRule:
     entry = {SEED_KEY_ALIASES.get(k, k): v for k, v in entry.items() if k not in SEED_IGNORED_KEYS}
     unknown = sorted(set(entry) - RULE_KEYS)
     if unknown:
-        raise QuantError(f"{name}: unknown key {unknown[0]!r} (allowed: {', '.join(sorted(RULE_KEYS))})")
+        raise QuantError(f"{name}: unknown key {brief(unknown[0])} (allowed: {', '.join(sorted(RULE_KEYS))})")
     if not isinstance(entry.get("match"), str):
         raise QuantError(f"{name}: needs a 'match' regex string")
-    try:
-        pattern = re.compile(entry["match"])
-    except re.error as e:
-        raise QuantError(f"{name}: bad regex {entry['match']!r}: {e}") from None
-    name = f"{where}: rule {index} ({entry['match']!r})"
+    pattern = compile_regex(entry["match"], name, "regex")
+    name = f"{where}: rule {index} ({brief(entry['match'])})"
+    _check_types(entry, name)
     skip = entry.get("skip", False)
     if not isinstance(skip, bool):
         raise QuantError(f"{name}: 'skip' must be true or false")
@@ -103,21 +102,40 @@ def _rule(index: int, entry, where: str, defaults) -> LayerRule:
     return LayerRule(index, pattern, skip, fmt, fpmm)
 
 
+def _check_types(entry: dict, name: str) -> None:
+    """The value types of a rule's settings (checked even where `skip` makes them moot, so a typo is never silent)."""
+    for key in ("format", "scaling"):
+        if key in entry and not isinstance(entry[key], str) and not (key == "scaling" and entry[key] is None):
+            raise QuantError(f"{name}: {key!r} must be a string, got {_type(entry[key])}")
+    if "block_size" in entry and not (_is_int(entry["block_size"]) and entry["block_size"] >= 1):
+        raise QuantError(f"{name}: 'block_size' must be a positive integer, got {_type(entry['block_size'])} "
+                         f"{brief(entry['block_size'])}")
+    convrot = entry.get("convrot", 0)
+    if not (isinstance(convrot, bool) or _is_int(convrot) and convrot >= 0):
+        raise QuantError(f"{name}: 'convrot' must be true, false or a group size (power of 4), got {_type(convrot)} "
+                         f"{brief(convrot)}")
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _type(value) -> str:
+    return {dict: "an object", list: "a list", str: "a string", bool: "a boolean", float: "a number",
+            int: "an integer", type(None): "null"}.get(type(value), type(value).__name__)
+
+
 def _format(entry: dict, name: str, defaults) -> Format:
     family, scaling = entry.get("format", defaults.format), entry.get("scaling")
     if family in FORMAT_NAME_ALIASES:
         family, implied = FORMAT_NAME_ALIASES[family]
         scaling = scaling or implied
     if family not in FORMAT_FAMILIES or family == "fp16":
-        raise QuantError(f"{name}: unknown format {family!r} (choose from {', '.join(f for f in FORMAT_FAMILIES if f != 'fp16')})")
+        raise QuantError(f"{name}: unknown format {brief(family)} (choose from {', '.join(f for f in FORMAT_FAMILIES if f != 'fp16')})")
     block_size = entry.get("block_size", defaults.block_size)
     convrot = entry.get("convrot", 0)
     if convrot is True:
         convrot = defaults.convrot_group_size
-    if not isinstance(block_size, int) or isinstance(block_size, bool) or block_size < 1:
-        raise QuantError(f"{name}: 'block_size' must be a positive integer")
-    if not isinstance(convrot, int):
-        raise QuantError(f"{name}: 'convrot' must be false or a group size (power of 4)")
     if scaling is None and family == defaults.format:
         scaling = defaults.scaling_mode
     try:

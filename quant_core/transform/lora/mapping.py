@@ -137,9 +137,12 @@ class ModuleIndex:
                 return Target(key)
             if kind == "swap":
                 return Target(key, swap_halves=True)
-            hidden = self.shapes[key][1]
+            shape = tuple(self.shapes[key])
+            if len(shape) != 2 or shape[0] < 3 * shape[1] + (kind == "mlp"):
+                return None  # not BFL's fused layout ([3K (+ mlp), K]): no row range to map onto
+            hidden = shape[1]
             if kind == "qkv":
                 offset = "qkv".index(match.group(2)) * hidden
                 return Target(key, (offset, offset + hidden))
-            return Target(key, (3 * hidden, self.shapes[key][0]))  # proj_mlp
+            return Target(key, (3 * hidden, shape[0]))  # proj_mlp
         return None

@@ -19,7 +19,8 @@ from dataclasses import dataclass, field
 import torch
 
 from ...errors import QuantError
-from ...io.reader import SafetensorsReader
+from ...io.dtypes import FLOAT_TAGS, INTEGER_TAGS
+from ...io.reader import SafetensorsReader, brief
 from .mapping import ModuleIndex, Target, split_key
 
 DAMPEN = 0.9  # the seed's factor for each later LoRA of --merge-loras
@@ -152,6 +153,11 @@ class LoraMerger:
             self.report.dropped.append(target.weight_key)
             return
         weight_shape = tuple(self.shapes[target.weight_key])
+        n = weight_shape[0] if weight_shape else 0
+        if target.rows is not None and target.rows[1] > n or target.swap_halves and n % 2:
+            raise QuantError(f"{module.source}: LoRA module {brief(module.raw)} maps to "
+                             f"{'rows ' + str(list(target.rows)) if target.rows else 'the two halves'} of "
+                             f"{target.weight_key}, which has shape {list(weight_shape)}")
         expected = weight_shape if target.rows is None else (target.rows[1] - target.rows[0], *weight_shape[1:])
         if module.delta_shape() != expected:
             raise QuantError(f"{module.source}: LoRA module {module.raw!r} gives a delta of shape "
@@ -192,6 +198,7 @@ def _read_lora(path: str, scale: float, report: MergeReport) -> list[LoraModule]
             style, module, part, raw = parsed
             if part in UNSUPPORTED_PARTS:
                 raise QuantError(f"{path}: module {raw!r}: {UNSUPPORTED_PARTS[part]}")
+            _check_dtype(path, raw, part, reader.get_dtype(key))
             tensor = reader.get_tensor(key)
             if part == "diff_b":  # a full bias delta: its own module, aimed at the layer's bias
                 module, part, raw = module + BIAS_SUFFIX, "diff", raw + ".diff_b"
@@ -203,7 +210,56 @@ def _read_lora(path: str, scale: float, report: MergeReport) -> list[LoraModule]
                 report.styles[style] = report.styles.get(style, 0) + 1
     for module in modules.values():
         _check_complete(module)
+        _check_factors(module)
     return list(modules.values())
+
+
+def _check_dtype(path: str, raw: str, part: str, dtype: str) -> None:
+    """Factors must be stored in a float type ΔW can be computed in (an FP8 or integer factor would need a scale
+    this file does not give); alpha may be any number."""
+    allowed = FLOAT_TAGS | INTEGER_TAGS if part == "alpha" else FLOAT_TAGS
+    if dtype not in allowed:
+        what = "alpha" if part == "alpha" else "factors"
+        raise QuantError(f"{path}: LoRA module {brief(raw)}: {part} is stored as {dtype}; LoRA {what} must be "
+                         f"{', '.join(sorted(allowed))}")
+
+
+def _check_factors(module: LoraModule) -> None:
+    """Shapes and ranks that make ΔW computable, checked while planning so that nothing fails mid-stream."""
+    p, where = module.parts, f"{module.source}: LoRA module {brief(module.raw)}"
+    if "alpha" in p and p["alpha"].numel() != 1:
+        raise QuantError(f"{where}: alpha must be one number, got shape {list(p['alpha'].shape)}")
+    empty = next((k for k, v in p.items() if k != "alpha" and v.numel() == 0), None)
+    if empty is not None:
+        raise QuantError(f"{where}: {empty} has shape {list(p[empty].shape)} (rank 0 or an empty dimension)")
+    if "diff" in p:
+        return
+    if "lora_up.weight" in p:
+        _check_pair(where, p, "lora_up.weight", "lora_down.weight", conv=True)
+    elif "hada_w1_a" in p:
+        for w in "12":
+            _check_pair(where, p, f"hada_w{w}_a", f"hada_w{w}_b")
+        one, two = ((p[f"hada_w{w}_a"].shape[0], p[f"hada_w{w}_b"].shape[1]) for w in "12")
+        if one != two:
+            raise QuantError(f"{where}: hada_w1_a @ hada_w1_b is {list(one)} but hada_w2_a @ hada_w2_b {list(two)}")
+    else:
+        for w, dims in (("1", (2,)), ("2", (2, 3, 4, 5))):
+            if f"lokr_w{w}" not in p:
+                _check_pair(where, p, f"lokr_w{w}_a", f"lokr_w{w}_b")
+            elif p[f"lokr_w{w}"].dim() not in dims:
+                raise QuantError(f"{where}: lokr_w{w} has shape {list(p[f'lokr_w{w}'].shape)}, expected "
+                                 f"{'a matrix' if w == '1' else '2 to 5 dimensions'}")
+
+
+def _check_pair(where: str, parts: dict, up_key: str, down_key: str, conv: bool = False) -> None:
+    """up [out, rank] and down [rank, in] with the same rank (LoCon, `conv`: up [out, rank, 1, 1], down
+    [rank, in, kh, kw])."""
+    up, down = parts[up_key], parts[down_key]
+    up_ok = up.dim() == 2 or conv and up.dim() > 2 and all(d == 1 for d in up.shape[2:])
+    down_ok = down.dim() == 2 or conv and down.dim() > 2
+    if not (up_ok and down_ok and up.shape[1] == down.shape[0]):
+        raise QuantError(f"{where}: {up_key} has shape {list(up.shape)} and {down_key} {list(down.shape)}; expected "
+                         "[out, rank] and [rank, in] with the same rank")
 
 
 def _load_mapping(mapping, weight_shapes) -> dict[str, Target]:
@@ -213,20 +269,37 @@ def _load_mapping(mapping, weight_shapes) -> dict[str, Target]:
         try:
             with open(mapping, encoding="utf-8") as f:
                 mapping = json.load(f)
-        except (OSError, ValueError) as e:
-            raise QuantError(f"{where}: cannot read the LoRA mapping: {e}") from None
+        except (OSError, ValueError, RecursionError) as e:  # RecursionError: JSON nested too deeply
+            raise QuantError(f"{where}: cannot read the LoRA mapping: {' '.join(str(e).splitlines())[:200]}") from None
     if not isinstance(mapping, dict):
         raise QuantError(f"{where}: a LoRA mapping is a JSON object of module → weight key")
-    overrides = {}
-    for module, value in mapping.items():
-        key, rows = (value, None) if isinstance(value, str) else (value.get("weight"), value.get("rows")) \
-            if isinstance(value, dict) else (None, None)
-        if key not in weight_shapes:
-            raise QuantError(f"{where}: entry {module!r}: {key!r} is not a weight of the model")
-        if rows is not None and not (isinstance(rows, list) and len(rows) == 2 and 0 <= rows[0] < rows[1] <= weight_shapes[key][0]):
-            raise QuantError(f"{where}: entry {module!r}: 'rows' must be [start, end] within {key}'s {weight_shapes[key][0]} rows")
-        overrides[module] = Target(key, tuple(rows) if rows else None)
-    return overrides
+    return {module: _mapping_target(f"{where}: entry {brief(module)}", value, weight_shapes)
+            for module, value in mapping.items()}
+
+
+MAPPING_FORM = 'a weight key string or {"weight": key, "rows": [start, end]}'
+
+
+def _mapping_target(where: str, value, weight_shapes) -> Target:
+    if isinstance(value, dict):
+        unknown = sorted(set(value) - {"weight", "rows"}, key=str)
+        if unknown:
+            raise QuantError(f"{where}: unknown key {brief(unknown[0])} (an entry is {MAPPING_FORM})")
+        key, rows = value.get("weight"), value.get("rows")
+    elif isinstance(value, str):
+        key, rows = value, None
+    else:
+        raise QuantError(f"{where}: got {brief(value)}; an entry is {MAPPING_FORM}")
+    if not isinstance(key, str) or key not in weight_shapes:
+        raise QuantError(f"{where}: {brief(key)} is not a weight of the model")
+    if rows is None:
+        return Target(key)
+    shape = tuple(weight_shapes[key])
+    n = shape[0] if shape else 0
+    integers = isinstance(rows, list) and all(isinstance(r, int) and not isinstance(r, bool) for r in rows)
+    if not (integers and len(rows) == 2 and 0 <= rows[0] < rows[1] <= n):
+        raise QuantError(f"{where}: 'rows' must be [start, end], integers within {key}'s {n} rows, got {brief(rows)}")
+    return Target(key, (rows[0], rows[1]))
 
 
 def lora_scales(single: str | None, several: tuple[str, ...], scale: float, dampen: bool) -> list[tuple[str, float]]:
