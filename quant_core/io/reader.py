@@ -1,4 +1,4 @@
-"""Streaming safetensors reader with the seed's loader API.
+"""Streaming safetensors reader, with convert-to-quant's loader API.
 
 The header is parsed and validated up front; tensor bytes are read with plain `readinto` calls (never mmap), so
 the only resident memory is the tensors the caller currently holds. That is what keeps `--low-memory` flat.
@@ -134,14 +134,16 @@ def _parse_header(f, path: str) -> tuple[dict[str, TensorInfo], dict[str, str], 
 
 
 def _refuse_bad_length(path: str, head: bytes, header_len: int, size: int):
+    # The messages never quote the length field: for a file that is not safetensors it is eight bytes of its content.
     if header_len > MAX_HEADER_BYTES and 8 + header_len <= size:
-        raise QuantError(f"{path}: header of {header_len} bytes exceeds the {MAX_HEADER_BYTES >> 20} MB "
-                         "limit of the safetensors format")
+        raise QuantError(f"{path}: not a safetensors file, or its header is beyond the {MAX_HEADER_BYTES >> 20} MB "
+                         "limit of the format")
     if _looks_like_pickle(head):
         raise QuantError(f"{path}: this is a pickle/zip checkpoint, not safetensors; it is refused, never unpickled")
     if len(head) < 8:
         raise QuantError(f"{path}: not a safetensors file ({size} bytes, too short for a header)")
-    raise QuantError(f"{path}: not a safetensors file or truncated (header length {header_len}, file size {size})")
+    raise QuantError(f"{path}: not a safetensors file or truncated (its first 8 bytes are not the length of a header "
+                     f"that fits in its {size} bytes)")
 
 
 def _read_up_to(f, n: int) -> bytes:
@@ -254,9 +256,9 @@ def _is_count(value) -> bool:
 
 
 class SafetensorsReader:
-    """The seed's `UnifiedSafetensorsLoader` API over a validated header.
+    """convert-to-quant's `UnifiedSafetensorsLoader` API over a validated header.
 
-    low_memory=False preloads every tensor (the seed's standard mode, fast random access, ~model size of RAM);
+    low_memory=False preloads every tensor (its standard mode, fast random access, ~model size of RAM);
     low_memory=True reads each tensor on demand and keeps nothing. The converter itself always streams
     (see `iter_tensors`), which is why its RAM does not grow with the model.
     """
@@ -275,7 +277,7 @@ class SafetensorsReader:
             for name in self._infos:
                 self._cache[name] = self._read(self._infos[name])
 
-    # --- the seed's API -------------------------------------------------------------------------------------
+    # --- convert-to-quant's API -------------------------------------------------------------------------------------
     def keys(self) -> list[str]:
         return list(self._infos)
 
@@ -368,5 +370,5 @@ def _will_need(fd: int, offset: int, length: int) -> None:
             pass
 
 
-# The seed's class name, for users of its loader API.
+# convert-to-quant's class name, for users of its loader API.
 UnifiedSafetensorsLoader = SafetensorsReader

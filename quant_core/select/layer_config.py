@@ -10,7 +10,7 @@ without `.weight`, and refused unless its matching time is bounded: see `select.
         {"match": "txt_mlp", "format": "int8", "scaling": "block", "block_size": 64}
     ]}
 
-The seed tool's form — an object mapping regex → settings, with an optional "_default" entry and its key names
+convert-to-quant's form — an object mapping regex → settings, with an optional "_default" entry and its key names
 ("scaling_mode", format names like "float8_e4m3fn" or "int8_tensorwise") — is accepted too.
 """
 from __future__ import annotations
@@ -28,7 +28,7 @@ RULE_KEYS = {"match", "skip", "format", "scaling", "block_size", "convrot", "ful
 SEED_KEY_ALIASES = {"scaling_mode": "scaling", "group_size": "block_size", "pattern": "match", "regex": "match",
                     "convrot_group_size": "convrot"}
 SEED_IGNORED_KEYS = {"simple"}  # every method here is chosen globally; `simple` only restates the default
-# Format names as the seed writes them → (family, scaling)
+# Format names as convert-to-quant writes them → (family, scaling)
 FORMAT_NAME_ALIASES = {
     "float8_e4m3fn": ("fp8", "tensor"), "float8_e5m2": ("fp8_e5m2", "tensor"),
     "int8_tensorwise": ("int8", None), "int8_blockwise": ("int8", "block"),
@@ -69,7 +69,7 @@ def _entries(config, where: str) -> list[dict]:
         if not isinstance(rules, list):
             raise QuantError(f"{where}: 'rules' must be a list of objects")
         return rules
-    if isinstance(config, dict):  # the seed's {regex: settings} form; "_default" applies to everything
+    if isinstance(config, dict):  # convert-to-quant's {regex: settings} form; "_default" applies to everything
         entries = [dict(settings, match=pattern) if isinstance(settings, dict) else settings
                    for pattern, settings in config.items() if pattern != "_default"]
         if "_default" in config:

@@ -20,10 +20,10 @@ import torch
 
 from ...errors import QuantError
 from ...io.dtypes import FLOAT_TAGS, INTEGER_TAGS
-from ...io.reader import SafetensorsReader, brief
+from ...io.reader import SafetensorsReader, brief, open_regular
 from .mapping import ModuleIndex, Target, split_key
 
-DAMPEN = 0.9  # the seed's factor for each later LoRA of --merge-loras
+DAMPEN = 0.9  # convert-to-quant's factor for each later LoRA of --merge-loras
 BIAS_SUFFIX = "#bias"
 UNSUPPORTED_PARTS = {
     "dora_scale": "DoRA (dora_scale) changes the weight's column norms, not a plain delta; merge it with its trainer",
@@ -267,7 +267,7 @@ def _load_mapping(mapping, weight_shapes) -> dict[str, Target]:
     where = mapping if isinstance(mapping, str) else "LoRA mapping"
     if isinstance(mapping, str):
         try:
-            with open(mapping, encoding="utf-8") as f:
+            with open_regular(mapping, "--lora-mapping", "r", encoding="utf-8") as f:
                 mapping = json.load(f)
         except (OSError, ValueError, RecursionError) as e:  # RecursionError: JSON nested too deeply
             raise QuantError(f"{where}: cannot read the LoRA mapping: {' '.join(str(e).splitlines())[:200]}") from None
@@ -303,7 +303,7 @@ def _mapping_target(where: str, value, weight_shapes) -> Target:
 
 
 def lora_scales(single: str | None, several: tuple[str, ...], scale: float, dampen: bool) -> list[tuple[str, float]]:
-    """The seed's semantics: --merge-lora FILE at --merge-lora-scale; --merge-loras A B C with the first at full
+    """convert-to-quant's semantics: --merge-lora FILE at --merge-lora-scale; --merge-loras A B C with the first at full
     scale and each later one at scale · 0.9^index unless dampening is off."""
     files = ([single] if single else []) + list(several)
     multiple = len(files) > 1
