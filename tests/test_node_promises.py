@@ -133,3 +133,17 @@ def test_verify_node_refuses_bad_file_names_at_validation(pack, comfy_dirs, name
     verify = node(pack, "QuantCoreVerifyQuantized")
     message = verify.validate_inputs(file=name, reference="none")
     assert isinstance(message, str) and name in message
+
+
+def test_a_lora_strength_that_overflows_is_the_strengths_fault(tmp_path, capsys):
+    from quant_core.cli import main
+    model, lora = str(tmp_path / "m.safetensors"), str(tmp_path / "l.safetensors")
+    g = torch.Generator().manual_seed(0)
+    save_file({"blocks.0.attn.qkv.weight": torch.randn(64, 64, generator=g).bfloat16()}, model)
+    save_file({"lora_unet_blocks_0_attn_qkv.lora_down.weight": torch.randn(4, 64, generator=g),
+               "lora_unet_blocks_0_attn_qkv.lora_up.weight": torch.randn(64, 4, generator=g)}, lora)
+    code = main(["-i", model, "-o", str(tmp_path / "o.safetensors"), "--merge-lora", lora, "--merge-lora-scale", "1e38",
+                 "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 2 and "lower the LoRA strength" in err and "fix the checkpoint" not in err and err.count("\n") == 1
+    assert sorted(os.listdir(tmp_path)) == ["l.safetensors", "m.safetensors"]  # no output, no temporary

@@ -184,7 +184,18 @@ class LoraMerger:
                 total[target.rows[0]:target.rows[1]] += delta
         norm = float(weight.norm())
         self.report.relative_change[key] = float(total.norm()) / norm if norm else math.inf
-        return (weight + total).to(tensor.dtype)
+        merged = (weight + total).to(tensor.dtype)
+        if not math.isfinite(float(merged.sum(dtype=torch.float32))) and math.isfinite(float(weight.sum())):
+            self._refuse_overflow(key, modules, merged)
+        return merged
+
+    def _refuse_overflow(self, key: str, modules: list, merged: torch.Tensor) -> None:
+        """A finite weight that the merge made non-finite: the LoRA strength's fault, said as such."""
+        if bool(torch.isfinite(merged).all()):
+            return  # only the sum overflowed; the values themselves are fine
+        sources = ", ".join(sorted({f"{os.path.basename(m.source)} × {m.scale:g}" for m in modules}))
+        raise QuantError(f"{key}: merging {sources} overflows {str(merged.dtype).removeprefix('torch.')} (Inf/NaN); "
+                         "lower the LoRA strength")
 
 
 def _read_lora(path: str, scale: float, report: MergeReport) -> list[LoraModule]:
