@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ..errors import QuantError
-from ..quantization.formats import Format, make_format
+from ..quantization.formats import Format
 from ..io.dtypes import FLOAT_TAGS
 from ..io.reader import TensorInfo
 from .layer_config import load_layer_config
@@ -124,20 +124,11 @@ def _fit(info: TensorInfo, fmt: Format, fpmm: bool) -> Decision:
     why = fmt.fit(info.shape)
     if why is None:
         return Decision(info.name, QUANTIZE, "", fmt, fpmm)
-    fallback = _fallback_format(fmt)
+    fallback = fmt.fallback()
     if fallback is not None and fallback.fit(info.shape) is None:
         return Decision(info.name, QUANTIZE, f"{fmt.describe()} does not fit ({why}); fell back to {fallback.describe()}",
                         fallback, fpmm)
     return Decision(info.name, KEEP, f"{fmt.describe()} does not fit ({why})")
-
-
-def _fallback_format(fmt: Format) -> Format | None:
-    """The nearest upstream format that fits any shape: per-row INT8 for INT8 families, per-tensor FP8 for FP8."""
-    if fmt.name.startswith("int8"):
-        return make_format("int8", "row")
-    if fmt.name.startswith("float8_e4m3fn"):
-        return make_format("fp8", "tensor")
-    return None
 
 
 def require_work(plan: Plan, path: str, fp16: bool = False) -> None:

@@ -72,6 +72,10 @@ class Format(ABC):
         """Why this format cannot hold a weight of this shape, or None if it can."""
         return None
 
+    def fallback(self) -> "Format | None":
+        """The nearest upstream format that holds any shape, for layers this one does not fit (None: keep them)."""
+        return None
+
     @abstractmethod
     def grid(self, weight: torch.Tensor) -> Grid:
         """Choose the scales for an fp32 [N, K] weight."""

@@ -80,6 +80,9 @@ class Int8Tensorwise(Format):
         if convrot_group:
             self.label = f"int8_convrot{convrot_group}"
 
+    def fallback(self) -> Format:
+        return Int8Tensorwise(per_row=True)
+
     def fit(self, shape):
         if self.convrot_group and shape[1] % self.convrot_group:
             return f"K={shape[1]} is not a multiple of the ConvRot group size {self.convrot_group}"

@@ -7,6 +7,8 @@ import torch
 
 from .base import Format, Grid, exact_div
 from .contract import Companion, FormatContract, stored_weight
+from .fp8 import Float8Tensorwise
+from .int8 import Int8Tensorwise
 
 MIN_SCALE = 1e-30
 E4M3_MAX = 448.0
@@ -97,6 +99,9 @@ class Int8Blockwise(_Tiled):
     def _store(self, codes):
         return codes.to(torch.int8)
 
+    def fallback(self) -> Format:
+        return Int8Tensorwise(per_row=True)
+
 
 class Float8Blockwise(_Tiled):
     contract = FLOAT8_BLOCKWISE
@@ -111,6 +116,9 @@ class Float8Blockwise(_Tiled):
 
     def _store(self, codes):
         return codes.to(torch.float8_e4m3fn)
+
+    def fallback(self) -> Format:
+        return Float8Tensorwise("float8_e4m3fn")
 
 
 class Float8Rowwise(Format):
@@ -129,4 +137,7 @@ class Float8Rowwise(Format):
 
     def dequantize(self, tensors, shape):
         return tensors["weight"].float() * tensors["weight_scale"].float().reshape(-1, 1)
+
+    def fallback(self) -> Format:
+        return Float8Tensorwise("float8_e4m3fn")
 
