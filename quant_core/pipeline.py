@@ -15,7 +15,6 @@ from dataclasses import dataclass, field
 import torch
 from tqdm import tqdm
 
-from . import __version__
 from .calib.source import build_source
 from .errors import QuantError
 from .io.reader import SafetensorsReader
@@ -27,6 +26,7 @@ from .quantization.layer import LayerRun, pick_device, quantize_layer, streaming
 from .quantization.methods import make_method
 from .report import LayerStats, QualityReport
 from .select.plan import KEEP, QUANTIZE, REMOVE, Plan, build_plan, require_work
+from .version import __version__
 
 FP16_MAX = 65504.0
 
@@ -267,6 +267,7 @@ class _Run:
     notes: list
     layers_conf: dict = field(default_factory=dict)
     stats: list = field(default_factory=list)
+    layers_total: int = 0  # progress units of the stream (layers), for the callback
 
     def handle(self, key: str, tensor: torch.Tensor) -> None:
         """Transform, then quantize (a selected weight) or write as kept (anything else), one tensor."""
@@ -280,6 +281,7 @@ class _Run:
                                           self.job.quantize.allow_nonfinite,
                                           self.extras.input_scales.get(decision.layer))
         if conf is None:
+            decision.action, decision.reason = KEEP, layer_stat
             self.notes.append(f"kept {decision.layer}: {layer_stat}")
         else:
             self.layers_conf[decision.layer] = conf
@@ -305,8 +307,12 @@ def _stream(reader: SafetensorsReader, plan: Plan, output_path: str, job: Job, d
         notes += [f"removed {path}, left by an interrupted run" for path in writer.stale_removed]
         run = _Run(plan, job, writer, layer_run, calibration, extras, transform, notes)
         _stream_tensors(reader, keys, run, ahead, on_layer)
+        notes += filter(None, [calibration.skipped_note()])
         writer.finish(_output_metadata(metadata, run.layers_conf, job))
-        verification = _verify_temp(writer.temp, reader.path, job, transform)
+        still_wanted = (lambda: on_layer(run.layers_total, run.layers_total)) if on_layer is not None else None
+        verification = _verify_temp(writer.temp, reader.path, job, transform, still_wanted)
+        if still_wanted is not None:
+            still_wanted()  # a cancel during the final checks still leaves no file
         writer.publish()
     report = QualityReport(run.stats, job.output.quality_threshold)
     return ConvertResult(output_path, plan, report, 0.0, 0, 0, notes, verification,
@@ -317,6 +323,7 @@ def _stream_tensors(reader: SafetensorsReader, keys: list[str], run: _Run, ahead
     """Every tensor through `run.handle`, with the progress bar and the per-layer callback."""
     last_of_layer = {k.rpartition(".")[0]: k for k in keys}  # a layer ticks when its last tensor is done
     ticks = set(last_of_layer.values())
+    run.layers_total = len(ticks)
     bar = tqdm(total=len(ticks), desc=os.path.basename(reader.path), unit="layer", disable=not run.job.output.progress,
                dynamic_ncols=True)
     done = 0
@@ -369,14 +376,14 @@ def _calibration_label(job: Job) -> str:
     return "synthetic N(0, I)"
 
 
-def _verify_temp(temp_path: str, source_path: str, job: Job, transform=None):
+def _verify_temp(temp_path: str, source_path: str, job: Job, transform=None, on_layer=None):
     if job.output.verify == "off":
         return None
     from .verify import verify_file
     # Legacy format names only come from an explicit request (scaling mode or layer config): mark, don't fail.
     # With LoRAs / SmoothQuant, the reference is the source with the same rewrites applied.
     result = verify_file(temp_path, reference=source_path if job.output.verify == "full" else None,
-                         allow_legacy=True, reference_transform=transform)
+                         allow_legacy=True, reference_transform=transform, on_layer=on_layer)
     if not result.ok:
         raise QuantError(f"verify failed on the converted file (nothing written): {result.defects[0]}")
     return result
