@@ -1,20 +1,27 @@
-"""Bad-input corpus: every case of tests/corpus.py through the real CLI, as a child process, in its own directory.
+"""Bad-input corpus: every case of tests/corpus.py through the CLI, in its own directory.
 
 ERROR     exit 2; stderr is exactly one line, "error: …", naming the file or layer and saying why; no Traceback;
           nothing in the directory created, removed or changed (hidden temporary files included).
 OK        exit 0; the output exists, is the only new file, and `verify OUT --reference IN` exits 0.
 FALLBACK  as OK, and stdout names the layer and why it was handled differently.
 
-The conversions run in parallel (one child per core) before the first case is checked; `verify` runs in this
-process through the CLI's own entry point (`main(["verify", …])`), since a child per verify would double the
-run time (QUANT_CORE_CORPUS_VERIFY=subprocess runs it as `python -m quant_core verify` instead).
+By default every case runs in this process through the CLI's own entry point (`quant_core.cli.main(argv)`, its
+stdout/stderr captured, warnings shown as a fresh interpreter would show them, an escaping exception printed as a
+Traceback): a child per case costs a torch import each (minutes for the whole corpus on two cores). A few cases
+(CHILD_CASES) also run as real `python -m quant_core` children, so what the process itself writes at start-up and
+exit is checked too. QUANT_CORE_CORPUS_CLI=subprocess runs every case as a child (in parallel, one per core), and
+QUANT_CORE_CORPUS_VERIFY=subprocess runs `verify` as `python -m quant_core verify` as well.
 With QUANT_CORE_CORPUS_TABLE=FILE.md the outcome of every case is written there as a markdown table.
 """
+import contextlib
+import io
 import os
 import re
 import subprocess
 import sys
 import time
+import traceback
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,7 +61,12 @@ def snapshot(directory: Path) -> dict[str, tuple]:
     return state
 
 
-def _run_one(case: Case, directory: Path, built: Built) -> Run:
+# run as real child processes in the default run too: an ERROR (one stderr line from the process as a whole) and a
+# FALLBACK (exit 0, stdout notes, then verify)
+CHILD_CASES = ["truncated mid-tensor", "NaN weights with --allow-nonfinite"]
+
+
+def _run_child(case: Case, directory: Path, built: Built) -> Run:
     before = snapshot(directory)
     start = time.perf_counter()
     try:
@@ -66,20 +78,69 @@ def _run_one(case: Case, directory: Path, built: Built) -> Run:
     return Run(built, directory, before, snapshot(directory), code, out, err, time.perf_counter() - start)
 
 
-@pytest.fixture(scope="module")
-def corpus_runs(request, tmp_path_factory):
-    """Build every selected case (in this process, in order) and run them all through the CLI in parallel."""
-    selected = [item.callspec.params["case"].name for item in request.session.items
-                if item.module is request.module and hasattr(item, "callspec") and "case" in item.callspec.params]
-    cases = [c for c in CASES if c.name in set(selected)]
+def _show_warning(message, category, filename, lineno, file=None, line=None):
+    sys.stderr.write(warnings.formatwarning(message, category, filename, lineno, line))
+
+
+def _run_in_process(case: Case, directory: Path, built: Built) -> Run:
+    """`python -m quant_core ARGV` without the child: the same entry point, its output captured, warnings filtered
+    and shown on stderr as by a fresh interpreter (pytest would otherwise collect them), and an exception that
+    escapes `main` printed as the interpreter would print it (a Traceback, which fails the case)."""
+    from quant_core.cli import main
+    before = snapshot(directory)
+    out, err = io.StringIO(), io.StringIO()
+    start = time.perf_counter()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), warnings.catch_warnings():
+        warnings.resetwarnings()  # Python's default filters
+        for category in (DeprecationWarning, PendingDeprecationWarning, ImportWarning, ResourceWarning):
+            warnings.filterwarnings("ignore", category=category)
+        warnings.showwarning = _show_warning
+        try:
+            code = main(built.argv + ["--no-progress"])
+        except SystemExit as e:  # argparse: usage and message already on stderr
+            code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+            if isinstance(e.code, str):
+                print(e.code, file=sys.stderr)
+        except BaseException:
+            traceback.print_exc(file=sys.stderr)
+            code = 1
+    return Run(built, directory, before, snapshot(directory), code, out.getvalue(), err.getvalue(),
+               time.perf_counter() - start)
+
+
+def _build(cases: list[Case], tmp_path_factory, prefix: str) -> dict[str, tuple[Path, Built]]:
     built = {}
     for i, c in enumerate(cases):
-        directory = tmp_path_factory.mktemp(f"case{i:02d}_", numbered=True)
+        directory = tmp_path_factory.mktemp(f"{prefix}{i:02d}_", numbered=True)
         built[c.name] = (directory, c.build(directory))
-    workers = max(2, os.cpu_count() or 2)
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        futures = {c.name: pool.submit(_run_one, c, *built[c.name]) for c in cases}
+    return built
+
+
+def _run_children(cases: list[Case], built: dict) -> dict[str, Run]:
+    with ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 2)) as pool:
+        futures = {c.name: pool.submit(_run_child, c, *built[c.name]) for c in cases}
         return {name: f.result() for name, f in futures.items()}
+
+
+@pytest.fixture(scope="module")
+def corpus_runs(request, tmp_path_factory):
+    """Build every selected case (in this process, in order) and run them all through the CLI: in this process one
+    after another, or (QUANT_CORE_CORPUS_CLI=subprocess) as children in parallel."""
+    selected = [item.callspec.params["case"].name for item in request.session.items
+                if item.module is request.module and hasattr(item, "callspec") and "case" in item.callspec.params
+                and item.originalname == "test_corpus"]
+    cases = [c for c in CASES if c.name in set(selected)]
+    built = _build(cases, tmp_path_factory, "case")
+    if os.environ.get("QUANT_CORE_CORPUS_CLI") == "subprocess":
+        return _run_children(cases, built)
+    return {c.name: _run_in_process(c, *built[c.name]) for c in cases}
+
+
+@pytest.fixture(scope="module")
+def child_runs(tmp_path_factory):
+    """CHILD_CASES built afresh and run as `python -m quant_core` children, in parallel."""
+    cases = [c for c in CASES if c.name in CHILD_CASES]
+    return _run_children(cases, _build(cases, tmp_path_factory, "child"))
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -196,6 +257,16 @@ def test_corpus(case, corpus_runs, capsys):
                           f"\n--- exit {run.code}\n--- stderr:\n{run.err}\n--- stdout:\n{run.out}")
 
 
+@pytest.mark.parametrize("name", CHILD_CASES)
+def test_corpus_case_as_a_child_process(name, child_runs, capsys):
+    case = next(c for c in CASES if c.name == name)
+    run = child_runs[name]
+    problems, _ = check(case, run, capsys)
+    assert not problems, (f"{name} (child process): " + "; ".join(problems) + f"\n--- argv: {run.built.argv}"
+                          f"\n--- exit {run.code}\n--- stderr:\n{run.err}\n--- stdout:\n{run.out}")
+
+
 def test_corpus_is_large_enough():
+    assert set(CHILD_CASES) <= {c.name for c in CASES}
     assert len(CASES) >= 32 and len({c.name for c in CASES}) == len(CASES)
     assert {ERROR, OK, FALLBACK} == {c.expect for c in CASES}

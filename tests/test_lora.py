@@ -241,7 +241,7 @@ def test_cli_merges_then_quantizes_and_verifies(tmp_path, cli):
     bad = save(tmp_path, lora_pair("lora_te1_text_model_encoder_layers_0_mlp_fc1", 32, 32)[0], "bad.safetensors")
     code, _, err = cli("-i", src, "-o", str(tmp_path / "x.safetensors"), "--merge-loras", lora, bad)
     assert code == 2 and "match no weight" in err and not os.path.exists(tmp_path / "x.safetensors")
-    result = quant_core.quantize(input=src, output=str(tmp_path / "api.safetensors"), merge_loras=(lora, bad),
+    result = quant_core.quantize(input=src, output=str(tmp_path / "api.safetensors"), loras=((lora, 1.0), (bad, 0.9)),
                                  lora_max_unmatched=1, format="fp8", verify="full")
     assert result.verify.ok and result.lora.unmatched
 

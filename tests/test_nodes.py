@@ -53,9 +53,9 @@ def node(pack, name):
     return getattr(pack.nodes.extension, "NODES_BY_ID")[name]
 
 
-def tiny_model(dirs, name="tiny_flux.safetensors", folder="diffusion_models"):
+def tiny_model(dirs, name="tiny_flux.safetensors", folder="diffusion_models", hidden=256):
     path = dirs[folder] / name
-    save_file(flux_like_state_dict(), str(path))
+    save_file(flux_like_state_dict(hidden=hidden), str(path))
     return f"{folder}/{name}"
 
 
@@ -277,7 +277,7 @@ def test_merge_lora_that_fits_nothing_fails_at_the_node(pack, comfy_dirs):
 def test_gptq_with_a_calibration_file_from_the_calibration_folder(pack, comfy_dirs):
     from quant_core.calib import StatsAccumulator, save_calibration
     from safetensors import safe_open
-    model = tiny_model(comfy_dirs)
+    model = tiny_model(comfy_dirs, hidden=64)  # GPTQ's column loop: K ≤ 320 instead of 1280
     g = torch.Generator().manual_seed(0)
     stats = {}
     with safe_open(str(comfy_dirs["diffusion_models"] / "tiny_flux.safetensors"), "pt") as f:
@@ -318,8 +318,9 @@ def test_smoothquant_node_adds_an_exact_fold_step(pack, comfy_dirs):
     plan = node(pack, "QuantCoreLoadSafetensors").execute(model="text_encoders/t5.safetensors")[0]
     plan = smooth.execute(plan=plan, calibration="quant_calibration/t5c.safetensors", alpha=0.5)[0]
     plan = node(pack, "QuantCoreQuantizeNVFP4").execute(plan=plan, **quant_inputs(preset="t5xxl"))[0]
-    options = plan.options(verify="full")
-    assert options.smoothquant and options.calibration_data.endswith("t5c.safetensors")  # not dropped by "synthetic"
+    job = plan.job(verify="full")
+    assert job.smoothquant.smoothquant  # the calibration file is not dropped by the Quantize node's "synthetic"
+    assert job.calibration.calibration_data.endswith("t5c.safetensors")
     out = node(pack, "QuantCoreSaveQuantized").execute(plan=plan, filename_prefix="t5", destination="output",
                                                        verify="full")
     report = out.ui["quant_report"][0]

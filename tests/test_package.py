@@ -28,8 +28,13 @@ def test_pack_init_loads_without_comfyui():
     assert module.WEB_DIRECTORY == "./web" and os.path.isdir(ROOT / "web")
 
 
-def test_demo_converts_and_verifies_every_format(capsys):
+def test_demo_converts_and_verifies_every_format(capsys, monkeypatch):
+    from quant_core.cli import demo
     from quant_core.cli.demo import DEMO_RUNS, run_demo
+    # the demo's checkpoint at a quarter of its hidden size (every K still a multiple of 64, for ConvRot 64 and the
+    # block formats): what is tested is that every format converts and verifies, not how long 35 M weights take
+    shaped = demo.flux_shaped_checkpoint
+    monkeypatch.setattr(demo, "flux_shaped_checkpoint", lambda: shaped(hidden=128))
     assert run_demo([]) == 0
     out = capsys.readouterr().out
     assert out.count(" ok") == len(DEMO_RUNS) and "FAILED" not in out
@@ -74,7 +79,7 @@ def test_console_scripts_and_packages_are_declared():
     import tomllib
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())
     scripts = project["project"]["scripts"]
-    assert scripts["calibrate_activation_scales"] == "quant_core.calib.cli:main"
+    assert scripts["calibrate_activation_scales"] == "quant_core.cli.calibrate:main"
     for target in scripts.values():
         module, _, func = target.partition(":")
         assert callable(getattr(importlib.import_module(module), func))

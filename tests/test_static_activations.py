@@ -43,12 +43,12 @@ def test_no_input_scale_for_formats_comfyui_ignores_it_for(flux_file, tmp_path, 
     assert any("ComfyUI reads no input_scale" in n for n in result.notes)
 
 
-def test_without_calibration_data_a_warning_and_dynamic_scales(cli, flux_file, tmp_path):
+def test_without_calibration_data_static_activations_are_refused(cli, flux_file, tmp_path):
+    """A setting without effect is refused (it used to warn and write dynamic scales)."""
     out = tmp_path / "o.safetensors"
     code, stdout, err = cli("-i", flux_file, "-o", out, "--fp8", "--static-activations")
-    assert code == 0 and "WARNING: --static-activations without --calibration-data" in stdout
-    with SafetensorsReader(str(out)) as reader:
-        assert not any(k.endswith(".input_scale") for k in reader.keys())
+    assert code == 2 and "--static-activations needs --calibration-data" in err and err.count("\n") == 1, err
+    assert not out.exists()
 
 
 def test_verify_rejects_bad_input_scales(flux_file, tmp_path, calib):
