@@ -1,7 +1,7 @@
 """Static activation scales (`--static-activations`): `<layer>.input_scale`, written only for the formats ComfyUI
-reads it for — fp8 (both kinds) and nvfp4 (FORMATS.md §2). Scales multiply, like the weight's:
-x ≈ q × input_scale, so input_scale = absmax(x) / (largest code): 448 for E4M3, 57344 for E5M2, 448·6 for NVFP4
-(comfy-kitchen's own per-tensor activation scale rules)."""
+reads it for (their contract's `activation_code_max`: fp8 of both kinds and nvfp4, docs/FORMATS.md). Scales multiply,
+like the weight's: x ≈ q × input_scale, so input_scale = absmax(x) / (largest code). A calibration file's stored
+`input_scale` is absmax / 448 (E4M3, docs/CALIBRATION.md): for another format it is rescaled to that format's code."""
 from __future__ import annotations
 
 import math
@@ -10,8 +10,9 @@ import torch
 
 from ..calib.ranges import CalibrationStats
 from ..errors import QuantError
+from .formats import CONTRACTS
 
-ACTIVATION_CODE_MAX = {"float8_e4m3fn": 448.0, "float8_e5m2": 57344.0, "nvfp4": 448.0 * 6.0}
+STORED_SCALE_CODE_MAX = 448.0  # the code a calibration file's input_scale is made for (E4M3)
 
 
 def static_input_scale(layer: str, format_name: str, stats: CalibrationStats,
@@ -21,7 +22,7 @@ def static_input_scale(layer: str, format_name: str, stats: CalibrationStats,
     With SmoothQuant the layer sees x/s, so the scale comes from max_k(absmax_k / s_k), never from a stored
     input_scale (that one describes the unsmoothed x). `stats` hands out validated statistics (fp32, absmax [K],
     input_scale one number); a divisor that does not fit the absmax is refused with one line here."""
-    code_max = ACTIVATION_CODE_MAX.get(format_name)
+    code_max = CONTRACTS[format_name].activation_code_max if format_name in CONTRACTS else None
     if code_max is None:
         return None, f"ComfyUI reads no input_scale for {format_name}"
     absmax, stored = stats.input_absmax(layer), stats.input_scale(layer)
@@ -31,7 +32,7 @@ def static_input_scale(layer: str, format_name: str, stats: CalibrationStats,
                              f"but the layer's SmoothQuant divisor {list(smoothing_divisor.shape)}")
         amax = float((absmax.float() / smoothing_divisor.float()).max())
     elif stored is not None and smoothing_divisor is None:
-        value = float(stored.float().reshape(-1)[0])
+        value = float(stored.float().reshape(-1)[0]) * STORED_SCALE_CODE_MAX / code_max
         return (torch.tensor(value, dtype=torch.float32), "") if value > 0 else (None, "stored input_scale is 0")
     elif absmax is not None and absmax.numel():
         amax = float(absmax.float().max())

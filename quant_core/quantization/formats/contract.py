@@ -101,6 +101,9 @@ class FormatContract:
     field_check: Callable[[dict, int, int], list[str]] | None = None  # (marker, N, K) → problems of its fields
     block: int = 1  # the stored weight is zero-padded to multiples of `block` in both dimensions
     pack: int = 1  # logical values per stored element along K
+    # ComfyUI quantizes the activations with a static `input_scale` for this format: the largest activation code
+    # (x ≈ code × input_scale); None: it reads no input_scale (one is never written)
+    activation_code_max: float | None = None
 
     @property
     def weight(self) -> Companion:

@@ -14,18 +14,18 @@ def _kitchen(tensors: dict, conf: dict, shape) -> torch.Tensor:
     return kitchen_dequantize("TensorCoreFP8Layout", tensors["weight"], shape, scale=tensors["weight_scale"])
 
 
-def _contract(name: str, weight_tag: str, typical: float, broken: float) -> FormatContract:
+def _contract(name: str, weight_tag: str, typical: float, broken: float, code_max: float) -> FormatContract:
     return FormatContract(
         name,
         (stored_weight(weight_tag),
          Companion("weight_scale", ("F32",), one_element),  # a per-row scale breaks ComfyUI's FP8 matmul
          Companion("input_scale", ("F32",), one_element, required=False, values="activation")),
-        _kitchen, typical=typical, broken=broken)
+        _kitchen, typical=typical, broken=broken, activation_code_max=code_max)
 
 
 CONTRACTS = {
-    "float8_e4m3fn": _contract("float8_e4m3fn", "F8_E4M3", typical=0.08, broken=0.25),
-    "float8_e5m2": _contract("float8_e5m2", "F8_E5M2", typical=0.15, broken=0.3),
+    "float8_e4m3fn": _contract("float8_e4m3fn", "F8_E4M3", typical=0.08, broken=0.25, code_max=448.0),
+    "float8_e5m2": _contract("float8_e5m2", "F8_E5M2", typical=0.15, broken=0.3, code_max=57344.0),
 }
 
 

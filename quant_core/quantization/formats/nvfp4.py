@@ -50,7 +50,8 @@ CONTRACT = FormatContract(
      Companion("weight_scale_2", ("F32",), one_element, values="nonnegative"),
      Companion("input_scale", ("F32",), one_element, required=False, values="activation"),
      Companion("pre_quant_scale", None, None, required=False, values="finite")),
-    _kitchen, typical=0.2, block=BLOCK, pack=2)
+    _kitchen, typical=0.2, block=BLOCK, pack=2,
+    activation_code_max=448.0 * 6.0)  # the global activation scale spans E4M3 block scales × E2M1 codes
 
 
 class NVFP4(Format):
