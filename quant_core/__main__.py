@@ -62,7 +62,8 @@ def run() -> int:
     signal.signal(signal.SIGINT, _exit_interrupted)
     signal.signal(signal.SIGTERM, _exit_interrupted)
     read_ahead_input(sys.argv[1:])
-    from .cli import main
+    from .cli import main, preload
+    preload(sys.argv[1:])  # the command's module and torch load under the quiet handler too
     signal.signal(signal.SIGINT, signal.default_int_handler)  # from here on an interrupt unwinds and cleans up
     return main()
 

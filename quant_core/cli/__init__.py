@@ -26,6 +26,15 @@ def _run_demo(argv: list[str]) -> int:
 
 
 COMMANDS = {"verify": _run_verify, "calibrate": _run_calibrate, "demo": _run_demo}
+MODULES = {"verify": "verify", "calibrate": "calibrate", "demo": "demo"}
+
+
+def preload(argv: list[str]) -> None:
+    """Import the module of the command `argv` names (and with it torch) without running it: the console script
+    does this while an interrupt still exits at once, so no signal lands inside a half-done import."""
+    import importlib
+    importlib.import_module(f"{__name__}.{MODULES.get(argv[0] if argv else '', 'convert')}")
+    import torch  # noqa: F401 (every command needs it; loaded here, not at the first tensor)
 
 
 def _terminate(signum, frame):
