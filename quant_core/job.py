@@ -246,21 +246,6 @@ class Job:
         _check_job(job, values)
         return job
 
-    def replace(self, **settings) -> "Job":
-        """A new job with some settings changed (checked like `build`)."""
-        return Job.build({**self.settings(), **settings}, given=set(settings) | self.non_default())
-
-    def settings(self) -> dict:
-        """name → value of every setting of this job."""
-        out = {}
-        for record in (*(getattr(self, name) for name in _SECTIONS), self.method_config):
-            if record is not None:
-                out.update({f.name: getattr(record, f.name) for f in dataclasses.fields(record)})
-        return out
-
-    def non_default(self) -> set[str]:
-        return {name for name, value in self.settings().items() if value != SETTINGS[name][1]}
-
     @property
     def method(self) -> str:
         return self.quantize.method
