@@ -202,8 +202,10 @@ class OutputSettings:
     progress: bool = option(True, "--no-progress", inverted=True, help="no progress bar")
 
 
-STAGES = (QuantizeSettings, SelectSettings, CalibrationSettings, SmoothQuantSettings, LoraSettings, DeviceSettings,
-          OutputSettings)
+SECTIONS = {"quantize": QuantizeSettings, "select": SelectSettings, "calibration": CalibrationSettings,
+            "smoothquant": SmoothQuantSettings, "lora": LoraSettings, "device": DeviceSettings,
+            "output": OutputSettings}  # Job attribute → the stage's config record
+STAGES = tuple(SECTIONS.values())
 METHOD_CONFIGS = tuple(dict.fromkeys(e.config_class for e in METHODS.values() if e.config_class is not None))
 
 
@@ -240,10 +242,10 @@ class Job:
         values = {name: check(name, spec, settings.get(name, default)) for name, (spec, default) in SETTINGS.items()}
         given = set(settings) if given is None else set(given)
         _refuse_inert(values, given)
-        job = cls(**{name: _record(record, values) for name, record in _SECTIONS.items()})
+        job = cls(**{name: _record(record, values) for name, record in SECTIONS.items()})
         method_class = METHODS[values["method"]].config_class
         job.method_config = None if method_class is None else _record(method_class, values)
-        _check_job(job, values)
+        _check_job(job)
         return job
 
     @property
@@ -260,11 +262,6 @@ class Job:
 
     def uses_statistics(self) -> bool:
         return self.calibration.uses_statistics(self.method)
-
-
-_SECTIONS = {"quantize": QuantizeSettings, "select": SelectSettings, "calibration": CalibrationSettings,
-             "smoothquant": SmoothQuantSettings, "lora": LoraSettings, "device": DeviceSettings,
-             "output": OutputSettings}
 
 
 def _record(cls, values: dict):
@@ -292,7 +289,7 @@ def _cli_methods(methods: list[str]) -> list[str]:
     return ["original|adamw|radam" if m == "learned" else m for m in methods]
 
 
-def _check_job(job: Job, values: dict) -> None:
+def _check_job(job: Job) -> None:
     q = job.quantize
     if getattr(job.method_config, "quip_store_transformed", False) and (
             q.format != "int8" or resolve_scaling("int8", q.scaling_mode) != "row"):
