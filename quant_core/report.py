@@ -1,7 +1,6 @@
 """The quality report: per-layer weight MSE and SQNR (dB), worst layers first, a summary line, JSON output."""
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import asdict, dataclass
 
@@ -126,10 +125,6 @@ class QualityReport:
     def to_json(self, extra: dict | None = None) -> dict:
         return {"summary": self.summary(), "threshold_db": self.threshold_db, "mean_sqnr_db": _finite(self.mean_sqnr()),
                 "layers": [_layer_json(s) for s in self.layers], **(extra or {})}
-
-    def write_json(self, path: str, extra: dict | None = None) -> None:
-        with open(path, "w", encoding="utf-8") as f:
-            json.dump(self.to_json(extra), f, indent=2)
 
 
 def _output_columns(s: LayerStats) -> str:

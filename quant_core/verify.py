@@ -198,15 +198,6 @@ def _check_orphans(reader, confs: dict, result: VerifyResult) -> None:
             result.defects.append(f"{key}: biases are never quantized, got {info.dtype}")
 
 
-def dequantize_with_comfy_kitchen(name: str, tensors: dict[str, torch.Tensor], conf: dict, shape) -> torch.Tensor:
-    """Rebuild an fp32 [N, K] weight of an upstream format through comfy-kitchen's own layout classes (the code
-    ComfyUI runs): its contract's `dequantize`."""
-    contract = CONTRACTS.get(name)
-    if contract is None or not contract.upstream:
-        raise ValueError(f"comfy-kitchen has no layout for {name!r}")
-    return contract.dequantize(tensors, conf, shape)
-
-
 def _compare_with_source(reader, source, confs: dict, result: VerifyResult, tick) -> None:
     checks = {c.layer: c for c in result.layers}
     keys, source_keys = set(reader.keys()), set(source.keys())

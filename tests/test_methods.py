@@ -13,7 +13,7 @@ from quant_core.errors import QuantError
 from quant_core.quantization.formats import make_format
 from quant_core.quantization.methods import GPTQ, QuIP, QuipConfig, make_method
 from quant_core.quantization.methods.sweep import SweepConfig, sweep
-from quant_core.verify import dequantize_with_comfy_kitchen
+from quant_core.quantization.formats import CONTRACTS
 
 N, K = 96, 256
 
@@ -134,8 +134,8 @@ def test_convert_with_gptq_corrects_biases_and_reports_output_sqnr(calibrated_mo
     assert "held-out" in layer.calibration and "better than RTN" in summary and "NOT better" not in summary
     with safe_open(out, "pt") as f, safe_open(src, "pt") as s:
         weight = s.get_tensor("enc.a.weight")
-        approx = dequantize_with_comfy_kitchen("int8_tensorwise", {"weight": f.get_tensor("enc.a.weight"),
-                                               "weight_scale": f.get_tensor("enc.a.weight_scale")}, {}, (N, K))
+        approx = CONTRACTS["int8_tensorwise"].dequantize({"weight": f.get_tensor("enc.a.weight"),
+                                                          "weight_scale": f.get_tensor("enc.a.weight_scale")}, {}, (N, K))
         expected = s.get_tensor("enc.a.bias") + (weight - approx) @ stats.mean
         torch.testing.assert_close(f.get_tensor("enc.a.bias"), expected, rtol=1e-5, atol=1e-5)
         assert layer.bias_shift == pytest.approx(float(((weight - approx) @ stats.mean).norm()), rel=1e-4)
@@ -156,7 +156,7 @@ def test_quip_convrot_file_dequantizes_through_comfy_kitchen(calibrated_model, t
         assert conf == {"format": "int8_tensorwise", "convrot": True, "convrot_groupsize": 64, "orig_dtype": "float32"}
         tensors = {"weight": f.get_tensor("enc.a.weight"), "weight_scale": f.get_tensor("enc.a.weight_scale")}
     ours = make_format("int8", "row", 128, 64).dequantize(tensors, (N, K))
-    torch.testing.assert_close(dequantize_with_comfy_kitchen("int8_tensorwise", tensors, conf, (N, K)), ours)
+    torch.testing.assert_close(CONTRACTS["int8_tensorwise"].dequantize(tensors, conf, (N, K)), ours)
     layer = next(s for s in result.report.layers if s.layer == "enc.a")
     assert layer.output_sqnr_db > layer.rtn_output_sqnr_db + 2
 
