@@ -121,9 +121,15 @@ def _calibration(reader: SafetensorsReader, plan: Plan, job: Job) -> LayerCalibr
             downs = lora_input_directions(job.calibration.calibration_lora, {i.name: i.shape for i in reader.infos()},
                                           job.lora.lora_mapping, job.lora.lora_max_unmatched)
         source = build_source(job.calibration, downs)
+        source.bind(_layer_widths(reader, plan))
     biased = {d.layer for d in plan.of(QUANTIZE) if f"{d.layer}.bias" in plan.decisions}
     # SmoothQuant divides the inputs by s: the file's E[x] no longer describes them, so no bias correction then
     return LayerCalibration(source, job.calibration.bias_correction and not job.smoothquant.smoothquant, biased)
+
+
+def _layer_widths(reader: SafetensorsReader, plan: Plan) -> dict[str, int]:
+    """Input width K of every layer to quantize (what a calibration file's layers are matched against)."""
+    return {d.layer: reader.info(d.key).shape[-1] for d in plan.of(QUANTIZE)}
 
 
 def _biases_after_weights(keys: list[str], calibration: LayerCalibration) -> list[str]:
@@ -157,7 +163,7 @@ def _calibration_extras(reader: SafetensorsReader, plan: Plan, job: Job, merger)
     if path is None or not (job.smoothquant.smoothquant or job.calibration.static_activations):
         return extras
     from .calib.ranges import read_calibration
-    stats = read_calibration(path)
+    stats = read_calibration(path, _layer_widths(reader, plan))
     layers = [d.layer for d in plan.of(QUANTIZE)]
     if job.smoothquant.smoothquant:
         from .transform.smoothquant import build_smoothing

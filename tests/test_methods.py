@@ -1,5 +1,6 @@
 """GPTQ and QuIP: output error on held-out correlated inputs against RTN, every format, the column sweep's
 options, ConvRot storage read back through comfy-kitchen, bias correction and the report, and the CLI flags."""
+import os
 import json
 
 import pytest
@@ -186,9 +187,34 @@ def test_lora_informed_calibration_follows_the_lora(make_file, tmp_path):
 
 def test_layers_missing_from_the_file_fall_back_and_say_so(calibrated_model, make_file, tmp_path):
     _, calib, _ = calibrated_model
-    src = make_file({"other.weight": torch.randn(16, K)})
+    g = torch.Generator().manual_seed(0)
+    src = make_file({f"{n}.weight": torch.randn(16, K, generator=g) for n in ("enc.a", "enc.b", "other")})
     result = quant_core.quantize(src, str(tmp_path / "o.safetensors"), method="gptq", calibration_data=calib)
-    assert result.report.layers[0].calibration == "not in the calibration file: round-to-nearest"
+    notes = {s.layer: s.calibration for s in result.report.layers}
+    assert notes["other"] == "not in the calibration file: round-to-nearest"
+
+
+def test_statistics_of_another_model_are_refused_naming_the_layers(calibrated_model, make_file, tmp_path):
+    _, calib, _ = calibrated_model
+    out = str(tmp_path / "o.safetensors")
+    with pytest.raises(quant_core.QuantError, match="none of its 2 layers.*enc.a, enc.b.*other"):
+        quant_core.quantize(make_file({"other.weight": torch.randn(16, K)}), out, method="gptq", calibration_data=calib)
+    with pytest.raises(quant_core.QuantError, match="another model.*other.*enc.b"):  # one shared name is not enough
+        quant_core.quantize(make_file({"enc.a.weight": torch.randn(16, K), "other.weight": torch.randn(16, K)}), out,
+                            method="gptq", calibration_data=calib)
+    with pytest.raises(quant_core.QuantError, match="another input width.*enc.a"):
+        quant_core.quantize(make_file({"enc.a.weight": torch.randn(16, K + 8), "enc.b.weight": torch.randn(16, K)}),
+                            out, method="gptq", calibration_data=calib)
+    assert not os.path.exists(out)
+
+
+def test_calibration_names_are_aligned_across_prefixes(calibrated_model, make_file, tmp_path):
+    """A capture names layers under the module that ran (no checkpoint prefix); the file may carry one."""
+    _, calib, _ = calibrated_model
+    g = torch.Generator().manual_seed(0)
+    src = make_file({f"model.diffusion_model.{n}.weight": torch.randn(16, K, generator=g) for n in ("enc.a", "enc.b")})
+    result = quant_core.quantize(src, str(tmp_path / "o.safetensors"), method="gptq", calibration_data=calib)
+    assert all(s.calibration.startswith("calibration file") for s in result.report.layers), result.report.layers
 
 
 CLI_ERRORS = [

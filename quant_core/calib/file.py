@@ -6,6 +6,9 @@ not see) and `<layer>.heldout_mean` (fp32 [K]), for the report's held-out output
 """
 from __future__ import annotations
 
+import json
+from typing import Callable, Iterable
+
 import torch
 
 from ..errors import QuantError
@@ -19,30 +22,53 @@ VERSION = "1"
 SUFFIXES = {  # statistic suffix → InputStats field
     "input_absmax": "absmax", "input_mean_sq": "mean_sq", "hessian": "hessian", "input_mean": "mean",
     "heldout_hessian": "heldout_hessian", "heldout_mean": "heldout_mean", "input_scale": "input_scale", "n_tokens": "n_tokens",
+    "heldout_mean_sq": "heldout_mean_sq", "heldout_n_tokens": "heldout_n_tokens",
 }
+COUNTS = ("n_tokens", "heldout_n_tokens")  # integer statistics (I64 scalars)
+INPUT_KINDS = ("recorded", "captured", "synthetic")  # __metadata__ "inputs": what the statistics describe
 REQUIRED = ("input_absmax", "n_tokens")
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)  # statistics; FP8 cannot hold them
 INT_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
 
 
-def save_calibration(path: str, stats: dict[str, InputStats], source: str, overwrite: bool = False) -> None:
-    """Write per-layer statistics (layer name → InputStats) as a §4 calibration file, the way converted files are
-    written (temporary, fsync, atomic rename; an existing file only with `overwrite`)."""
-    tensors: dict[str, torch.Tensor] = {}
-    for layer, s in stats.items():
-        for suffix, field in SUFFIXES.items():
-            value = getattr(s, field)
-            if value is None:
-                continue
-            if field == "n_tokens":
-                tensors[f"{layer}.{suffix}"] = torch.tensor(int(value), dtype=torch.int64)
-            else:
-                tensors[f"{layer}.{suffix}"] = value.detach().float().cpu().clone()  # own storage: layers may share
-    meta = {"format": FORMAT_NAME, "version": VERSION, "source": source}
-    reserve = header_reserve([(k, tag_of(t.dtype), tuple(t.shape)) for k, t in tensors.items()], meta)
-    with StreamingWriter(path, reserve, overwrite=overwrite) as writer:
-        for name, tensor in tensors.items():
-            writer.add(name, tensor)
+def save_calibration(path: str, stats: dict[str, InputStats], source: str, overwrite: bool = False,
+                     metadata: dict[str, str] | None = None) -> None:
+    """Write per-layer statistics (layer name → InputStats) as a calibration file, the way converted files are
+    written (temporary, fsync, atomic rename; an existing file only with `overwrite`). `metadata` adds header keys
+    (`inputs`: recorded, captured or synthetic; default recorded)."""
+    layout = {layer: stats_layout(s) for layer, s in stats.items()}
+    write_calibration_stream(path, layout, stats.__getitem__, source, overwrite, metadata)
+
+
+def stats_layout(s: InputStats) -> dict[str, tuple[int, ...]]:
+    """The keys (statistic suffix → shape) a layer's statistics are written as."""
+    layout = {}
+    for suffix, field in SUFFIXES.items():
+        value = getattr(s, field)
+        if value is not None:
+            layout[suffix] = () if suffix in COUNTS else tuple(value.shape)
+    return layout
+
+
+def write_calibration_stream(path: str, layout: dict[str, dict[str, tuple[int, ...]]],
+                             produce: Callable[[str], InputStats], source: str, overwrite: bool = False,
+                             metadata: dict[str, str] | None = None) -> None:
+    """Write a calibration file one layer at a time: `layout` (layer → statistic suffix → shape) is known up front,
+    `produce(layer)` gives each layer's statistics when its turn comes, so only one layer is in memory."""
+    meta = {"format": FORMAT_NAME, "version": VERSION, "source": source, "inputs": "recorded", **(metadata or {})}
+    if meta["inputs"] not in INPUT_KINDS:
+        raise ValueError(f"inputs must be one of {INPUT_KINDS}")
+    entries = [(f"{layer}.{suffix}", "I64" if suffix in COUNTS else "F32", shape)
+               for layer, keys in layout.items() for suffix, shape in keys.items()]
+    with StreamingWriter(path, header_reserve(entries, meta), overwrite=overwrite) as writer:
+        for layer, keys in layout.items():
+            s = produce(layer)
+            for suffix in keys:
+                value = getattr(s, SUFFIXES[suffix])
+                if suffix in COUNTS:
+                    writer.add(f"{layer}.{suffix}", torch.tensor(int(value), dtype=torch.int64))
+                else:  # own storage: layers may share tensors
+                    writer.add(f"{layer}.{suffix}", value.detach().float().cpu().clone())
         writer.finish(meta)
         writer.publish()
 
@@ -76,7 +102,30 @@ class CalibrationFile:
             raise QuantError(f"{where}: version {meta.get('version')!r} is not supported "
                              f"(this build reads version {VERSION})")
         self.source = meta.get("source", "")
+        self.metadata = meta
+        self.inputs = meta.get("inputs") or ("synthetic" if self.source.startswith("synthetic") else "recorded")
         self.layers = self._index(self._file.keys())
+
+    @property
+    def recorded(self) -> bool:
+        """Whether the statistics describe a model's real inputs (recorded or captured), not synthetic ones."""
+        return self.inputs in ("recorded", "captured")
+
+    def capture_info(self) -> dict:
+        """What a capture recorded (runs, prompts, timesteps, …): the header's `capture` JSON, {} if none."""
+        try:
+            info = json.loads(self.metadata.get("capture") or "{}")
+        except ValueError:
+            raise QuantError(f"--calibration-data {self.path}: header key capture is not valid JSON") from None
+        if not isinstance(info, dict):
+            raise QuantError(f"--calibration-data {self.path}: header key capture must be a JSON object")
+        return info
+
+    def widths(self) -> dict[str, int]:
+        """Each layer's input width K (the length of its input_absmax), from the header alone; None where
+        input_absmax is not a vector (the layer's read then says what is wrong)."""
+        shapes = {layer: self._file.info(f"{layer}.input_absmax").shape for layer in self.layers}
+        return {layer: shape[0] if len(shape) == 1 else None for layer, shape in shapes.items()}
 
     def _index(self, keys) -> dict[str, set[str]]:
         layers: dict[str, set[str]] = {}
@@ -119,15 +168,19 @@ class CalibrationFile:
 
 def _build(values: dict, layer: str, k: int | None, path: str) -> InputStats:
     where = f"--calibration-data {path}: {layer}"
-    n_tokens = values.pop("n_tokens")
-    if n_tokens.numel() != 1 or n_tokens.dtype not in INT_DTYPES or int(n_tokens) <= 0:
-        raise QuantError(f"{where}.n_tokens must be one positive integer")
+    counts = {}
+    for name in COUNTS:
+        if name in values:
+            count = values.pop(name)
+            if count.numel() != 1 or count.dtype not in INT_DTYPES or int(count) <= 0:
+                raise QuantError(f"{where}.{name} must be one positive integer")
+            counts[name] = int(count)
     absmax = values["absmax"]
     if absmax.dim() != 1:
         raise QuantError(f"{where}: absmax has shape {list(absmax.shape)}, expected [K] (one value per input feature)")
     k = absmax.shape[0] if k is None else k
     expected = {"absmax": (k,), "mean_sq": (k,), "mean": (k,), "hessian": (k, k), "heldout_hessian": (k, k),
-                "heldout_mean": (k,)}
+                "heldout_mean": (k,), "heldout_mean_sq": (k,)}
     for field, value in values.items():
         want = expected.get(field)
         if field == "input_scale" and value.numel() != 1 or want is not None and tuple(value.shape) != want:
@@ -139,12 +192,12 @@ def _build(values: dict, layer: str, k: int | None, path: str) -> InputStats:
         value = value.float()  # F64 values beyond the F32 range become inf here: checked below
         if not bool(torch.isfinite(value).all()):
             raise QuantError(f"{where}: {field} must hold finite floating-point values")
-        if field in ("absmax", "mean_sq", "input_scale") and bool((value < 0).any()):
+        if field in ("absmax", "mean_sq", "input_scale", "heldout_mean_sq") and bool((value < 0).any()):
             raise QuantError(f"{where}: {field} has negative values")
         values[field] = value
     if "mean_sq" not in values:
         values["mean_sq"] = torch.diagonal(values["hessian"]).clone() if "hessian" in values else values["absmax"] ** 2
-    return InputStats(n_tokens=int(n_tokens), **values)
+    return InputStats(**counts, **values)
 
 
 def load_calibration(path: str) -> dict[str, InputStats]:

@@ -55,10 +55,17 @@ def _checked(path: str, layer: str, name: str, value, vector: bool) -> torch.Ten
     return value if vector else value.reshape(())
 
 
-def read_calibration(path: str) -> CalibrationStats:
-    """Read the activation ranges of every layer. Raises QuantError (one line) for a bad file."""
+def read_calibration(path: str, model_layers: dict[str, int] | None = None) -> CalibrationStats:
+    """Read the activation ranges of every layer, named as in the model when `model_layers` (layer → K) is given
+    (the file's names aligned with them, calib.align). Raises QuantError (one line) for a bad file."""
     reader = CalibrationFile(path)
     try:
-        return CalibrationStats(path, {layer: reader.get(layer, only=("input_scale",)) for layer in reader.layers})
+        if model_layers is None:
+            names = {layer: layer for layer in reader.layers}
+        else:
+            from .align import align_layers
+            names = align_layers(reader.widths(), model_layers, f"--calibration-data {path}")
+        return CalibrationStats(path, {model: reader.get(layer, only=("input_scale",))
+                                       for model, layer in names.items()})
     finally:
         reader.close()

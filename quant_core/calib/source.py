@@ -39,11 +39,20 @@ class CalibrationSource:
         self.kind = kind
         self.file = CalibrationFile(path) if kind == "file" else None
         self.lora_downs = lora_downs or {}
+        self.names: dict[str, str] | None = None  # model layer → file layer, once bound to a model
+
+    def bind(self, model_layers: dict[str, int]) -> None:
+        """Align the file's layer names with the model's (layer → K of the layers to quantize); refuses a file
+        recorded on another model (calib.align)."""
+        if self.file is not None:
+            from .align import align_layers
+            self.names = align_layers(self.file.widths(), model_layers, f"--calibration-data {self.file.path}")
 
     def stats(self, layer: str, k: int) -> tuple[InputStats | None, str]:
         """(statistics, what they are) for a layer with K input features; None when a file lacks the layer."""
         if self.file is not None:
-            found = self.file.get(layer, k)
+            name = layer if self.names is None else self.names.get(layer)
+            found = self.file.get(name, k) if name is not None else None
             if found is None:
                 return None, "not in the calibration file"
             return found, f"calibration file, {found.n_tokens} tokens" + ("" if found.hessian is not None
@@ -54,8 +63,8 @@ class CalibrationSource:
 
     @property
     def real(self) -> bool:
-        """Whether the statistics describe real inputs (a recorded file)."""
-        return self.kind == "file"
+        """Whether the statistics describe the model's real inputs (a recorded or captured file, not synthetic)."""
+        return self.file is not None and self.file.recorded
 
 
 def build_source(settings, lora_downs: dict[str, torch.Tensor] | None = None) -> CalibrationSource:

@@ -26,6 +26,8 @@ class InputStats:
     heldout_hessian: torch.Tensor | None = None  # [K, K]  E[x xᵀ] over held-out tokens
     heldout_mean: torch.Tensor | None = None  # [K]
     input_scale: torch.Tensor | None = None  # [] static activation scale, if the producer wrote one
+    heldout_mean_sq: torch.Tensor | None = None  # [K]  E[x_k²] over held-out tokens
+    heldout_n_tokens: int | None = None  # rows of the held-out part (None: not recorded)
 
     @property
     def k(self) -> int:
@@ -34,6 +36,32 @@ class InputStats:
     def second_moment(self) -> torch.Tensor:
         """H = E[x xᵀ], or its diagonal as a matrix when no full H was kept."""
         return self.hessian if self.hessian is not None else torch.diag(self.mean_sq)
+
+    @property
+    def has_heldout(self) -> bool:
+        """Whether statistics of held-out inputs (rows the methods never see) are attached."""
+        return any(v is not None for v in (self.heldout_hessian, self.heldout_mean_sq, self.heldout_mean))
+
+    def heldout_second_moment(self) -> torch.Tensor | None:
+        """E[x xᵀ] over the held-out rows (its diagonal as a matrix when only that was kept), or None."""
+        if self.heldout_hessian is not None:
+            return self.heldout_hessian
+        return torch.diag(self.heldout_mean_sq) if self.heldout_mean_sq is not None else None
+
+    def fit_part(self) -> "InputStats":
+        """The fitting statistics alone."""
+        return InputStats(self.absmax, self.mean_sq, self.n_tokens, self.hessian, self.mean,
+                          input_scale=self.input_scale)
+
+    def heldout_part(self) -> "InputStats | None":
+        """The held-out statistics as fitting statistics of their own (absmax is not kept for them), or None."""
+        if not self.has_heldout:
+            return None
+        mean_sq = self.heldout_mean_sq
+        if mean_sq is None:
+            mean_sq = torch.diagonal(self.heldout_hessian).clone()
+        return InputStats(torch.zeros_like(mean_sq), mean_sq, self.heldout_n_tokens or 0, self.heldout_hessian,
+                          self.heldout_mean)
 
 
 class StatsAccumulator:
@@ -44,16 +72,26 @@ class StatsAccumulator:
 
     FLUSH_TOKENS = 4096
 
-    def __init__(self, k: int, hessian: bool = True, device=None):
+    def __init__(self, k: int, hessian: bool = True, device=None, gram_dtype: torch.dtype | None = None,
+                 buffered: bool = True, max_gram_tokens: int = 0):
         self.k = k
         self.n = 0
+        self.n_gram = 0
         self.absmax = torch.zeros(k, dtype=torch.float32, device=device)
         self.sum = torch.zeros(k, dtype=torch.float64, device=device)
         self.sum_sq = torch.zeros(k, dtype=torch.float64, device=device)
-        gram_dtype = torch.float64 if k <= 4096 else torch.float32
+        gram_dtype = gram_dtype or (torch.float64 if k <= 4096 else torch.float32)
         self.gram = torch.zeros(k, k, dtype=gram_dtype, device=device) if hessian and k <= MAX_HESSIAN_K else None
+        self.buffered = buffered
+        self.max_gram_tokens = max_gram_tokens  # > 0: the Gram sum takes an evenly strided subset of each batch
         self._buffer: list[torch.Tensor] = []
         self._buffered = 0
+
+    @staticmethod
+    def nbytes(k: int, hessian: bool, gram_dtype: torch.dtype = torch.float32) -> int:
+        """Device memory of an unbuffered accumulator for K input features."""
+        vectors = k * (4 + 8 + 8)
+        return vectors + (k * k * torch.finfo(gram_dtype).bits // 8 if hessian else 0)
 
     def add(self, x: torch.Tensor) -> None:
         """Add a batch of inputs (any leading shape, last dimension K)."""
@@ -62,7 +100,7 @@ class StatsAccumulator:
             return
         self._buffer.append(x.to(device=self.sum.device, dtype=torch.float32, copy=True))
         self._buffered += x.shape[0]
-        if self._buffered >= self.FLUSH_TOKENS:
+        if not self.buffered or self._buffered >= self.FLUSH_TOKENS:
             self._flush()
 
     def _flush(self) -> None:
@@ -74,19 +112,48 @@ class StatsAccumulator:
         self.sum += x.sum(dim=0, dtype=torch.float64)
         self.sum_sq += (x * x).sum(dim=0, dtype=torch.float64)
         if self.gram is not None:
-            self.gram += (x.T @ x).to(self.gram.dtype)
+            g = x
+            if self.max_gram_tokens and x.shape[0] > self.max_gram_tokens:
+                stride = -(-x.shape[0] // self.max_gram_tokens)
+                g = x[stride // 2::stride]  # evenly spread rows: an unbiased estimate of the same E[x xᵀ]
+            if self.gram.dtype == torch.float32:
+                self.gram.addmm_(g.T, g)  # in place: no second [K,K] buffer
+            else:
+                self.gram += (g.T @ g).to(self.gram.dtype)
+            self.n_gram += g.shape[0]
         self.n += x.shape[0]
 
     def result(self) -> InputStats:
         self._flush()
         n = max(self.n, 1)
-        hessian = None if self.gram is None else (self.gram / n).float().cpu()
+        hessian = None if self.gram is None else (self.gram / max(self.n_gram, 1)).float().cpu()
         return InputStats(self.absmax.cpu(), (self.sum_sq / n).float().cpu(), self.n, hessian,
                           (self.sum / n).float().cpu())
 
 
-def merge_heldout(fit: InputStats, heldout: InputStats) -> InputStats:
-    """`fit` with the held-out tokens' second moment and mean attached."""
-    fit.heldout_hessian = heldout.second_moment() if heldout.n_tokens else None
-    fit.heldout_mean = heldout.mean if heldout.n_tokens else None
+def merge_heldout(fit: InputStats, heldout: InputStats | None) -> InputStats:
+    """`fit` with the held-out tokens' statistics attached: the full second moment only where one was kept (a
+    diagonal-only layer gets its held-out diagonal, never a dense [K,K] matrix), the diagonal, mean and row count."""
+    if heldout is None or not heldout.n_tokens:
+        return fit
+    fit.heldout_hessian = heldout.hessian
+    fit.heldout_mean_sq = heldout.mean_sq
+    fit.heldout_mean = heldout.mean
+    fit.heldout_n_tokens = heldout.n_tokens
     return fit
+
+
+def combine(a: InputStats | None, b: InputStats | None) -> InputStats | None:
+    """The statistics of the union of two sets of rows (each weighted by its row count). A Hessian survives only
+    where both sides have one (the merged one must describe all rows); absmax is the larger of the two."""
+    if a is None or not a.n_tokens:
+        return b
+    if b is None or not b.n_tokens:
+        return a
+    n = a.n_tokens + b.n_tokens
+    wa, wb = a.n_tokens / n, b.n_tokens / n
+
+    def mix(x, y):
+        return None if x is None or y is None else x.float() * wa + y.float() * wb
+    return InputStats(torch.maximum(a.absmax.float(), b.absmax.float()), mix(a.mean_sq, b.mean_sq), n,
+                      mix(a.hessian, b.hessian), mix(a.mean, b.mean))

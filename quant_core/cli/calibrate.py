@@ -49,8 +49,9 @@ def build_parser():
 def run_calibrate(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     _check_files(args)
-    if args.samples < 1 or args.heldout_every < 0:
-        raise QuantError("--samples must be positive and --heldout-every 0 or more")
+    if args.samples < 1 or args.heldout_every < 0 or args.heldout_every == 1:
+        raise QuantError("--samples must be positive and --heldout-every 0 (off) or at least 2 (with 1 every "
+                         "input would be held out and nothing left to fit)")
     progress = not args.no_progress
     if args.hf_model:
         stats = calibrate_transformers(args.input, args.hf_model, args.text, args.hessian, args.heldout_every, progress)
@@ -60,7 +61,8 @@ def run_calibrate(argv: list[str]) -> int:
         source = f"synthetic N(0, I), {args.samples} samples, seed {args.seed}"
     for layer_stats in stats.values():
         layer_stats.input_scale = layer_stats.absmax.max().reshape(()) / E4M3_MAX
-    save_calibration(args.output, stats, source, overwrite=args.overwrite)
+    save_calibration(args.output, stats, source, overwrite=args.overwrite,
+                     metadata={"inputs": "recorded" if args.hf_model else "synthetic"})
     tokens = max((s.n_tokens for s in stats.values()), default=0)
     print(f"wrote {args.output}: {len(stats)} layers, up to {tokens} tokens per layer ({source})")
     return 0
