@@ -34,13 +34,14 @@ def best_rewrite(calib: list[str], model: list[str]) -> tuple[str, str]:
     by_rest: dict[str, list[str]] = {}
     for name in model:
         for prefix, rest in _suffixes(name):
-            if rest.count(".") >= 1 or rest == name:  # a match needs two name parts, or the whole name
-                by_rest.setdefault(rest, []).append(prefix)
+            by_rest.setdefault(rest, []).append(prefix)
     votes: Counter = Counter()
     for name in calib:
         seen = set()
         for prefix, rest in _suffixes(name):
             for model_prefix in by_rest.get(rest, ()):
+                if "." not in rest and prefix and model_prefix:
+                    continue  # a match needs two name parts, or one side's whole name
                 if (prefix, model_prefix) not in seen:
                     seen.add((prefix, model_prefix))
                     votes[(prefix, model_prefix)] += 1
