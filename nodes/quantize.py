@@ -15,7 +15,7 @@ from ..quant_core import QuantError
 from . import paths
 from .recipe import QuantRecipe, require_plan
 from .settings import setting_input
-from .types import CATEGORY, QuantPlan
+from .types import CATEGORY, QuantCalibration, QuantPlan
 
 NO_PRESET = "none"
 SYNTHETIC = "synthetic"
@@ -31,7 +31,10 @@ def _common_inputs() -> list:
                        default=SYNTHETIC,
                        tooltip="Input statistics for GPTQ/QuIP and bias correction: a calibration file from "
                                "models/quant_calibration (python -m quant_core calibrate …), or none (GPTQ/QuIP then "
-                               "use synthetic inputs and behave like round-to-nearest)."),
+                               "run as round-to-nearest and say so)."),
+        QuantCalibration.Input("calibration_file", optional=True,
+                               tooltip="A calibration file saved in this workflow (Save Calibration's output); "
+                                       "takes the place of the calibration choice above."),
         setting_input("bias_correction"),
         setting_input("gptq_damp", step=0.01),
         io.Combo.Input("preset", options=[NO_PRESET, *quant_core.PRESETS], default=NO_PRESET,
@@ -52,13 +55,15 @@ def _common_inputs() -> list:
 
 def _settings(format: str, method: str, calibration: str, bias_correction: bool, gptq_damp: float, preset: str,
               exclude_layers: str, keep_io_layers: bool, full_precision_matrix_mult: bool, layer_config: str,
-              **format_settings) -> dict:
+              calibration_file: str | None = None, **format_settings) -> dict:
     """The engine settings a Quantize node sets (checked: raises QuantError with a one-line message)."""
     settings = dict(format=format, method=method, presets=() if preset == NO_PRESET else (preset,),
                     exclude_layers=exclude_layers.strip() or None, quantize_io_layers=not keep_io_layers,
                     full_precision_matrix_mult=full_precision_matrix_mult, bias_correction=bias_correction,
                     gptq_damp=gptq_damp, **format_settings)
-    if calibration != SYNTHETIC:
+    if calibration_file is not None:
+        settings["calibration_data"] = calibration_file_path(calibration_file)
+    elif calibration != SYNTHETIC:
         settings["calibration_data"] = _calibration_path(calibration)
     if layer_config.strip():
         try:
@@ -67,6 +72,16 @@ def _settings(format: str, method: str, calibration: str, bias_correction: bool,
             raise QuantError(f"layer_config: malformed JSON: {e}") from None
     quant_core.Job.build(settings, given=quant_core.given_by_value(settings))
     return settings
+
+
+def calibration_file_path(path) -> str:
+    """A calibration file linked from Save Calibration, checked to lie in the calibration folders."""
+    if not isinstance(path, str):
+        raise QuantError("calibration_file: connect the calibration output of Save Calibration")
+    try:
+        return paths.confine(path, paths.CALIBRATION_FOLDERS)
+    except ValueError as e:
+        raise QuantError(f"calibration_file: {e}") from None
 
 
 def _calibration_path(name: str) -> str | None:

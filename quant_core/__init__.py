@@ -57,6 +57,9 @@ def __getattr__(name: str):
     if name == "check_lora":
         from .transform.lora.merge import check_lora
         return check_lora
+    if name == "capture":  # capture sessions and their calibration files (the ComfyUI capture nodes)
+        from .calib import capture
+        return capture
     if name in ("KEEP", "QUANTIZE"):
         from .select import plan
         return getattr(plan, name)
@@ -65,4 +68,4 @@ def __getattr__(name: str):
 
 __all__ = ["quantize", "verify", "Job", "SETTINGS", "QuantError", "PRESETS", "METHODS", "convert", "ConvertResult",
            "verify_file", "VerifyResult", "sqnr_from_rel_error", "check_lora", "combine_settings", "given_by_value",
-           "KEEP", "QUANTIZE", "__version__"]
+           "KEEP", "QUANTIZE", "capture", "__version__"]
