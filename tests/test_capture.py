@@ -30,7 +30,7 @@ class Net(torch.nn.Module):
 
 def batches(seed, n=3, k=24):
     g = torch.Generator().manual_seed(seed)
-    return [torch.randn(2, 7, k, generator=g) * torch.linspace(0.2, 3, k) + 0.5 for _ in range(n)]
+    return [torch.randn(2, 16, k, generator=g) * torch.linspace(0.2, 3, k) + 0.5 for _ in range(n)]
 
 
 def capture_run(session, net, run_id, data):
@@ -66,7 +66,7 @@ def test_runs_accumulated_into_one_file_equal_all_rows_at_once(tmp_path):
     assert (summary.runs, summary.heldout_runs, summary.full) == (3, 0, 2)
     got, want = load_calibration(path), reference(net, data)
     for layer in want:
-        assert got[layer].n_tokens == want[layer].n_tokens == 3 * 3 * 14
+        assert got[layer].n_tokens == want[layer].n_tokens == 3 * 3 * 32
         for field in ("absmax", "mean_sq", "mean", "hessian"):
             torch.testing.assert_close(getattr(got[layer], field), getattr(want[layer], field), rtol=1e-5, atol=1e-6)
         assert not got[layer].has_heldout
@@ -158,7 +158,7 @@ def test_interrupted_run_does_not_leak_into_the_next(tmp_path):
     run = capture_run(session, net, "next", batches(0))  # a new run id: the stale statistics are dropped
     path = str(tmp_path / "cap.safetensors")
     save_capture(path, run)
-    assert load_calibration(path)["up"].n_tokens == 3 * 14
+    assert load_calibration(path)["up"].n_tokens == 3 * 32
 
 
 def test_hooks_do_not_change_outputs_and_are_removed():
@@ -187,3 +187,41 @@ def test_captured_file_is_taken_by_the_converter_under_the_checkpoint_prefix(tmp
     assert all("calibration file" in s.calibration for s in result.report.layers)
     meta = json.loads(CalibrationFile(cap).metadata["capture"])
     assert (meta["runs"], meta["heldout_runs"]) == (2, 1)
+
+
+def test_layers_fed_one_vector_per_sample_give_their_hessian_budget_to_others(tmp_path):
+    """Modulation layers see one row per sample: a Hessian of rank ≤ calls. Their share goes to layers not yet run."""
+    class Modulated(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.mod = torch.nn.Linear(24, 24)  # per-sample vector
+            self.up = torch.nn.Linear(24, 40)
+            self.down = torch.nn.Linear(40, 24)
+
+        def forward(self, x):
+            return self.down(torch.relu(self.up(x * self.mod(x.mean(dim=1)).unsqueeze(1))))
+    net = Modulated()
+    widths = linear_widths(net)
+    diag = sum(StatsAccumulator.nbytes(k, False) for k in widths.values())
+    session = new_session("Mod", "test", widths, budget_gb=(diag + 2 * 4 * 24 * 24) / GIB)
+    assert session.plan.full == {"mod", "up"}  # the planner cannot know yet: narrowest first
+    session.start(0)
+    session.allocate("cpu")
+    with session.hooks(net):
+        for x in batches(0):
+            session.note_call()
+            net(x)
+    assert session.plan.full == {"up"} and session.plan.few_rows == {"mod"}
+    assert "one vector per sample" in session.plan.describe()
+    path = str(tmp_path / "cap.safetensors")
+    save_capture(path, session.take(0))
+    reader = CalibrationFile(path)
+    assert "hessian" not in reader.layers["mod"] and "hessian" in reader.layers["up"]
+    budget = (diag + 4 * 24 * 24 + 4 * 40 * 40) / GIB  # after demoting mod, down (run later) fits
+    session = new_session("Mod", "test", widths, budget_gb=budget)
+    session.start(0)
+    with session.hooks(net):
+        net(batches(0)[0])
+        session.note_call()
+    assert session.plan.full == {"up", "down"}
+    assert session.take(0).accumulators["down"].gram is not None

@@ -170,9 +170,9 @@ def test_lora_merge_on_the_device_matches_cpu(flux_file, tmp_path):
     save_file({"lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight": torch.randn(4, 256, generator=g) * 0.1,
                "lora_unet_double_blocks_0_img_attn_qkv.lora_up.weight": torch.randn(768, 4, generator=g) * 0.1,
                "lora_unet_double_blocks_0_img_attn_qkv.alpha": torch.tensor(4.0)}, lora)
-    cpu = quant_core.quantize(input=flux_file, output=str(tmp_path / "cpu.safetensors"), device="cpu", merge_lora=lora)
+    cpu = quant_core.quantize(input=flux_file, output=str(tmp_path / "cpu.safetensors"), device="cpu", loras=((lora, 1.0),))
     gpu = quant_core.quantize(input=flux_file, output=str(tmp_path / "gpu.safetensors"), device="cuda",
-                              merge_lora=lora, verify="full")
+                              loras=((lora, 1.0),), verify="full")
     assert gpu.verify.ok
     with open(cpu.output, "rb") as a, open(gpu.output, "rb") as b:
         assert a.read() == b.read()

@@ -37,6 +37,7 @@ E4M3_MAX = 448.0
 MAX_PROMPTS = 200  # prompts kept in the header (each cut to PROMPT_CHARS)
 PROMPT_CHARS = 300
 SIGMA_BINS = 400  # distinct noise levels kept in the header (rounded to 4 significant digits)
+FEW_ROWS = 16  # a layer whose first call has fewer rows (per-sample vectors: modulation, embedders) keeps diagonals
 MODES = ("accumulate", "new file")
 ROLES = ("auto", "fit", "held-out")
 
@@ -62,6 +63,29 @@ class CapturePlan:
     budget_bytes: int
     used_bytes: int
     all_full_bytes: int  # what full Hessians for every layer would take
+    order: list = field(default_factory=list)  # the order full Hessians are given in (narrowest first)
+    few_rows: set = field(default_factory=set)  # layers seen with fewer than FEW_ROWS rows per call
+
+    def demote(self, layer: str, ran=lambda name: False) -> list[str]:
+        """`layer` turned out to see a few rows per call (a per-sample vector: its Hessian would have a rank of a few
+        calls): it keeps its diagonal, and the bytes go to the next layers in the plan's order. Returns the layers
+        that gain a full Hessian."""
+        self.few_rows.add(layer)
+        if layer not in self.full:
+            return []
+        self.full.discard(layer)
+        self.used_bytes -= 4 * self.widths[layer] ** 2
+        gained = []
+        for name in self.order:
+            if name in self.full or name in self.few_rows or ran(name):
+                continue  # a layer already running without a Hessian in this run cannot start one midway
+            cost = 4 * self.widths[name] ** 2
+            if self.used_bytes + cost > self.budget_bytes:
+                break  # the order is by width: nothing after this fits either
+            self.full.add(name)
+            self.used_bytes += cost
+            gained.append(name)
+        return gained
 
     def describe(self) -> str:
         n = len(self.widths)
@@ -69,6 +93,9 @@ class CapturePlan:
                 f"{self.used_bytes / GIB:.2f} GiB of the {self.budget_bytes / GIB:.2f} GiB budget")
         if len(self.full) < n:
             line += f" (a full Hessian for every layer needs {self.all_full_bytes / GIB:.1f} GiB)"
+        if self.few_rows:
+            line += (f"; {len(self.few_rows)} layers see one vector per sample (modulation, embedders): diagonal "
+                     "only, their share went to other layers")
         return line
 
 
@@ -83,13 +110,15 @@ def plan_capture(widths: dict[str, int], budget_bytes: int, hessian: bool = True
                          f"of the {len(widths)} layers ({diagonal / GIB:.3g} GiB): raise the budget to at least "
                          f"{math.ceil(diagonal / GIB * 1000) / 1000:.3f} GB")
     used, full = diagonal, set()
-    if hessian:
-        for name, k in sorted(widths.items(), key=lambda item: item[1]):  # stable: model order among equal widths
-            cost = 4 * k * k
-            if k <= MAX_HESSIAN_K and used + cost <= budget_bytes:
-                full.add(name)
-                used += cost
-    return CapturePlan(dict(widths), full, int(budget_bytes), used, all_full)
+    order = [name for name, k in sorted(widths.items(), key=lambda item: item[1]) if k <= MAX_HESSIAN_K] \
+        if hessian else []  # stable sort: model order among equal widths
+    for name in order:
+        cost = 4 * widths[name] ** 2
+        if used + cost > budget_bytes:
+            break
+        full.add(name)
+        used += cost
+    return CapturePlan(dict(widths), full, int(budget_bytes), used, all_full, order)
 
 
 @dataclass
@@ -141,10 +170,9 @@ class CaptureSession:
     def allocate(self, device) -> None:
         """Create every layer's accumulator on `device` now (before the model is loaded, so a memory manager sees
         the budget as used). A run already holding accumulators on another device keeps them."""
-        for name, k in self.plan.widths.items():
+        for name in self.plan.widths:
             if name not in self._acc:
-                self._acc[name] = StatsAccumulator(k, name in self.plan.full, device=device, gram_dtype=torch.float32,
-                                                   buffered=False, max_gram_tokens=self.max_tokens)
+                self._acc[name] = self._accumulator(name, device)
 
     def note_call(self, sigma: torch.Tensor | None = None) -> None:
         """One model call; `sigma` (the noise level of each batch element) for the timestep coverage."""
@@ -179,12 +207,25 @@ class CaptureSession:
             x = inputs[0]
             acc = self._acc.get(name)
             if acc is None:
-                acc = self._acc[name] = StatsAccumulator(
-                    self.plan.widths[name], name in self.plan.full, device=x.device, gram_dtype=torch.float32,
-                    buffered=False, max_gram_tokens=self.max_tokens)
+                acc = self._acc[name] = self._accumulator(name, x.device)
+            if not acc.n and name not in self.plan.few_rows and x.numel() < FEW_ROWS * x.shape[-1]:
+                self._demote(name)
             with torch.no_grad():
                 acc.add(x.to(acc.sum.device))
         return hook
+
+    def _accumulator(self, name: str, device) -> StatsAccumulator:
+        return StatsAccumulator(self.plan.widths[name], name in self.plan.full, device=device,
+                                gram_dtype=torch.float32, buffered=False, max_gram_tokens=self.max_tokens)
+
+    def _demote(self, name: str) -> None:
+        """A layer with a few rows per call gives its Hessian's memory to layers that have not run yet."""
+        acc = self._acc[name]
+        acc.gram = None  # freed before the gains are allocated: the total stays within the budget
+        for gained in self.plan.demote(name, lambda n: n in self._acc and self._acc[n].n > 0):
+            other = self._acc.get(gained)
+            if other is not None:
+                other.gram = torch.zeros(other.k, other.k, dtype=torch.float32, device=other.sum.device)
 
     def take(self, run_id) -> CapturedRun | None:
         """This run's statistics (None if the capture did not see the run), and a fresh start."""

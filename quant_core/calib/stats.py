@@ -94,32 +94,47 @@ class StatsAccumulator:
         return vectors + (k * k * torch.finfo(gram_dtype).bits // 8 if hessian else 0)
 
     def add(self, x: torch.Tensor) -> None:
-        """Add a batch of inputs (any leading shape, last dimension K)."""
+        """Add a batch of inputs (any leading shape, last dimension K). Unbuffered, the batch is read in chunks of
+        CHUNK_BYTES (fp32): the temporaries stay a few tens of MB whatever the batch size."""
         x = x.detach().reshape(-1, self.k)
         if not x.shape[0]:
             return
+        if not self.buffered:
+            self._accumulate(x.to(self.sum.device))
+            return
         self._buffer.append(x.to(device=self.sum.device, dtype=torch.float32, copy=True))
         self._buffered += x.shape[0]
-        if not self.buffered or self._buffered >= self.FLUSH_TOKENS:
+        if self._buffered >= self.FLUSH_TOKENS:
             self._flush()
+
+    CHUNK_BYTES = 32 << 20
 
     def _flush(self) -> None:
         if not self._buffer:
             return
         x = torch.cat(self._buffer)
         self._buffer, self._buffered = [], 0
-        self.absmax = torch.maximum(self.absmax, x.abs().amax(dim=0))
-        self.sum += x.sum(dim=0, dtype=torch.float64)
-        self.sum_sq += (x * x).sum(dim=0, dtype=torch.float64)
+        self._accumulate(x)
+
+    def _accumulate(self, x: torch.Tensor) -> None:
+        """Fold rows [T, K] (any float dtype, on the accumulator's device; read, never modified) into the sums."""
+        rows = max(1, self.CHUNK_BYTES // (4 * self.k))
+        for start in range(0, x.shape[0], rows):
+            chunk = x[start:start + rows].float()
+            self.absmax = torch.maximum(self.absmax, chunk.abs().amax(dim=0))
+            self.sum += chunk.sum(dim=0, dtype=torch.float64)
+            self.sum_sq += (chunk * chunk).sum(dim=0, dtype=torch.float64)
         if self.gram is not None:
             g = x
             if self.max_gram_tokens and x.shape[0] > self.max_gram_tokens:
                 stride = -(-x.shape[0] // self.max_gram_tokens)
                 g = x[stride // 2::stride]  # evenly spread rows: an unbiased estimate of the same E[x xᵀ]
-            if self.gram.dtype == torch.float32:
-                self.gram.addmm_(g.T, g)  # in place: no second [K,K] buffer
-            else:
-                self.gram += (g.T @ g).to(self.gram.dtype)
+            for start in range(0, g.shape[0], rows):
+                chunk = g[start:start + rows].float()
+                if self.gram.dtype == torch.float32:
+                    self.gram.addmm_(chunk.T, chunk)  # in place: no second [K,K] buffer
+                else:
+                    self.gram += (chunk.T @ chunk).to(self.gram.dtype)
             self.n_gram += g.shape[0]
         self.n += x.shape[0]
 
