@@ -14,7 +14,8 @@ from dataclasses import dataclass, field
 
 from .declare import Spec, check, option, specs
 from .errors import QuantError
-from .quantization.formats import FAMILIES, FORMAT_FAMILIES, make_format, resolve_scaling
+from .quantization.formats import FAMILIES, FORMAT_ALIASES, FORMAT_FAMILIES, make_format, resolve_scaling
+from .quantization.formats.int4 import LINEAR_DTYPES
 from .quantization.formats.int8 import is_power_of_4
 from .quantization.methods import METHODS
 from .select.layer_config import load_layer_config
@@ -41,9 +42,21 @@ def _block_scaling(settings: dict) -> str | None:
 
 
 def _rotation(settings: dict) -> str | None:
-    if settings["convrot"] or settings.get("quip_store_transformed") or settings["layer_config"]:
+    if settings["convrot"] or settings.get("quip_store_transformed") or settings["layer_config"] or \
+            settings["format"] == "int4":
         return None
-    return "applies with --convrot, --quip-store-transformed or rules of --layer-config"
+    return "applies with --convrot, --quip-store-transformed, --format int4 or rules of --layer-config"
+
+
+def _int8_rotation(settings: dict) -> str | None:
+    if settings["format"] == "int4":
+        return "does not apply to --format int4, which is always rotated (--convrot-group-size sets its group)"
+    return None
+
+
+def _int4(settings: dict) -> str | None:
+    return None if settings["format"] == "int4" or settings["layer_config"] else \
+        "applies to --format int4 or to int4 rules of --layer-config"
 
 
 @dataclass
@@ -57,11 +70,15 @@ class QuantizeSettings:
              "write formats upstream ComfyUI cannot load: only on explicit request, with a warning")
     block_size: int = option(128, "--block_size", "--block-size", low=1, needs=_block_scaling,
                              help="tile size of --scaling_mode block (elements)")
-    convrot: bool = option(False, "--convrot", help="INT8 per-row with a ConvRot block-Hadamard rotation (ComfyUI "
-                                                    "rotates the activations online)")
+    convrot: bool = option(False, "--convrot", needs=_int8_rotation,
+                           help="INT8 per-row with a ConvRot block-Hadamard rotation (ComfyUI rotates the "
+                                "activations online)")
     convrot_group_size: int = option(256, "--convrot-group-size", "--convrot_group_size", needs=_rotation,
-                                     help="ConvRot group size, a power of 4; layers whose K it does not divide fall "
-                                          "back to plain per-row INT8")
+                                     help="ConvRot group size, a power of 4 (also int4's rotation group); layers "
+                                          "whose K it does not divide fall back to plain per-row INT8")
+    int4_linear_dtype: str = option("int4", "--int4-linear-dtype", choices=LINEAR_DTYPES, needs=_int4,
+                                    help="int4: the activations' type in ComfyUI's GEMM (the marker's linear_dtype): "
+                                         "int4 (W4A4, INT4 tensor cores) or int8 (W4A8: more accurate, INT8 speed)")
     full_precision_matrix_mult: bool = option(
         False, "--full_precision_matrix_mult", "--full-precision-matrix-mult", "-fpmm",
         help="mark layers full_precision_matrix_mult: quantized storage, matmul in the compute dtype")
@@ -74,7 +91,8 @@ class QuantizeSettings:
         """The format module for layers no rule overrides (None for the plain FP16 cast)."""
         if self.format == "fp16":
             return None
-        return make_format(self.format, self.scaling_mode, self.block_size, rotation_group)
+        linear_dtype = self.int4_linear_dtype if self.format == "int4" else "int4"  # else: for int4 layer rules
+        return make_format(self.format, self.scaling_mode, self.block_size, rotation_group, linear_dtype)
 
     def is_legacy(self) -> bool:
         if self.format == "fp16":
@@ -101,6 +119,12 @@ def _file_given(settings: dict) -> str | None:
     return None if settings["calibration_data"] else "needs --calibration-data FILE"
 
 
+def _not_recorded(settings: dict) -> str:
+    return ("is refused: LoRA-informed directions are not recorded inputs; gptq/quip fitted to them measured worse "
+            "than RTN, so they would run as RTN. Record statistics instead (`python -m quant_core calibrate "
+            "--hf-model`, or the ComfyUI capture nodes) and pass --calibration-data")
+
+
 @dataclass
 class CalibrationSettings:
     """Calibration: the per-layer input statistics the methods, bias correction and static scales read."""
@@ -109,8 +133,8 @@ class CalibrationSettings:
         None, "--calibration-data", "--calibration_data", kind=str, metavar="CALIB.safetensors",
         help="per-layer input statistics (docs/CALIBRATION.md; make one with `calibrate`)")
     calibration_lora: str | None = option(
-        None, "--calibration-lora", "--calibration_lora", kind=str, metavar="LORA.safetensors",
-        help="LoRA-informed calibration: half the input energy in the span of the LoRA's down-projections")
+        None, "--calibration-lora", "--calibration_lora", kind=str, metavar="LORA.safetensors", needs=_not_recorded,
+        help="refused: LoRA-informed directions are not recorded inputs (GPTQ/QuIP on them measured worse than RTN)")
     bias_correction: bool = option(True, "--bias-correction", negatable=True, needs=_file_given,
                                    help="b' = b + (W - Ŵ)·E[x] for layers with a bias, from the file's means")
     static_activations: bool = option(False, "--static-activations", needs=_file_given,
@@ -236,6 +260,8 @@ class Job:
         """A checked job from setting values (name → value). `given` names the settings the user set (default: every
         key of `settings`); each of them must have an effect with the others, or the build is refused."""
         settings = dict(settings or {})
+        if settings.get("format") in FORMAT_ALIASES:  # e.g. convrot_w4a4, ComfyUI's name of int4
+            settings["format"] = FORMAT_ALIASES[settings["format"]]
         unknown = sorted(set(settings) - set(SETTINGS))
         if unknown:
             raise QuantError(f"unknown setting {unknown[0]!r} (settings: {', '.join(sorted(SETTINGS))})")
@@ -255,7 +281,8 @@ class Job:
     def rotation_group(self) -> int:
         """The ConvRot group size of the main format (0: no rotation)."""
         stored = getattr(self.method_config, "quip_store_transformed", False)
-        return self.quantize.convrot_group_size if self.quantize.convrot or stored else 0
+        rotated = self.quantize.convrot or stored or self.quantize.format == "int4"
+        return self.quantize.convrot_group_size if rotated else 0
 
     def main_format(self):
         return self.quantize.main_format(self.rotation_group())
@@ -291,6 +318,9 @@ def _cli_methods(methods: list[str]) -> list[str]:
 
 def _check_job(job: Job) -> None:
     q = job.quantize
+    if getattr(job.method_config, "quip_store_transformed", False) and q.format == "int4":
+        raise QuantError("--quip-store-transformed has no effect with --format int4: int4 weights are always stored "
+                         "in ComfyUI's rotated basis, where QuIP chooses its codes")
     if getattr(job.method_config, "quip_store_transformed", False) and (
             q.format != "int8" or resolve_scaling("int8", q.scaling_mode) != "row"):
         raise QuantError("--quip-store-transformed: ComfyUI can load rotated weights only as INT8 per-row ConvRot "

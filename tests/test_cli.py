@@ -21,6 +21,7 @@ UPSTREAM_RUNS = [
     (["--format", "fp8_e5m2"], "float8_e5m2", "_simple_fp8_e5m2"),
     (["--nvfp4"], "nvfp4", "_simple_nvfp4"),
     (["--mxfp8"], "mxfp8", "_simple_mxfp8"),
+    (["--int4"], "convrot_w4a4", "_simple_int4"),
 ]
 
 

@@ -72,6 +72,7 @@ CASES = {
     "--scaling_mode": (["--scaling_mode", "tensor"], []), "--block_size": (["--block_size", "32"], ["--scaling_mode", "block"]),
     "--convrot": (["--convrot", "--convrot-group-size", "16"], []),
     "--convrot-group-size": (["--convrot-group-size", "64"], ["--convrot"]),
+    "--int4-linear-dtype": (["--int4-linear-dtype", "int8"], ["--int4", "--convrot-group-size", "64"]),
     "--full_precision_matrix_mult": (["-fpmm"], []), "--allow-nonfinite": (["--allow-nonfinite"], ["-i", "{nan}"]),
     "--exclude-layers": (["--exclude-layers", "mlp"], []), "--layer-config": (["--layer-config", "{rules}"], []),
     "--heur": (["--heur"], []), "--quantize-embeddings": (["--quantize-embeddings"], []),
@@ -123,7 +124,7 @@ CASES.update({f"--{p}": ([f"--{p}"], []) for p in PRESETS})
 CUDA_ONLY = {"--streaming-mode", "--cpu-threshold", "--no-memory-limits", "--bf16-threshold"}
 NOT_AVAILABLE = ["--actcal", "--stream-hessian-threshold", "--stream-ldlq-threshold", "--stream-ortho-threshold",
                  "--bf16-hadamard-threshold", "--bf16-hessian-threshold"]
-SHORTHANDS = {"--int8": ["--fp8"], "--fp8": [], "--nvfp4": [], "--mxfp8": [], "--fp16": []}
+SHORTHANDS = {"--int8": ["--fp8"], "--int4": [], "--fp8": [], "--nvfp4": [], "--mxfp8": [], "--fp16": []}
 
 
 def _run(files, argv, capsys, tag, keep=False):
@@ -190,6 +191,9 @@ def test_unavailable_flags_are_refused(flag, files, capsys):
 
 def test_format_shorthands_and_conflicts(files, capsys):
     assert _run(files, ["--fp8"], capsys, "a")[1] != _run(files, ["--int8"], capsys, "b")[1]
+    int4 = _run(files, ["--int4", "--convrot-group-size", "64"], capsys, "d")
+    assert int4[0] == 0 and int4[1] != _run(files, ["--int8"], capsys, "b")[1]
+    assert _run(files, ["--format", "convrot_w4a4", "--convrot-group-size", "64"], capsys, "d")[1] == int4[1]
     code, _, text = _run(files, ["--fp8", "--nvfp4"], capsys, "c")
     assert code == 2 and "give one format" in text
 

@@ -131,17 +131,18 @@ def test_fp8_codes_equal_comfy_kitchen(name):
     assert torch.allclose(TensorCoreFP8Layout.dequantize(t["weight"], params), fmt.dequantize(t, (64, 96)))
 
 
-FAMILIES = [("int8", "row"), ("int8", "tensor"), ("fp8", "tensor"), ("fp8_e5m2", "tensor"), ("nvfp4", None),
-            ("mxfp8", None), ("int8", "block"), ("fp8", "row"), ("fp8", "block")]
+FAMILIES = [("int8", "row"), ("int8", "tensor"), ("int4", None), ("fp8", "tensor"), ("fp8_e5m2", "tensor"),
+            ("nvfp4", None), ("mxfp8", None), ("int8", "block"), ("fp8", "row"), ("fp8", "block")]
+ROTATION = {"int4": 64}  # int4 is always rotated: a group that divides the test shapes' K
 # typical ‖W−Ŵ‖/‖W‖ for Gaussian weights: a wrong scale or layout is far outside these
-EXPECTED_REL_ERROR = {"int8_tensorwise": 0.012, "float8_e4m3fn": 0.04, "float8_e5m2": 0.08, "nvfp4": 0.13,
+EXPECTED_REL_ERROR = {"int8_tensorwise": 0.012, "convrot_w4a4": 0.17, "float8_e4m3fn": 0.04, "float8_e5m2": 0.08, "nvfp4": 0.13,
                       "mxfp8": 0.04, "int8_blockwise": 0.012, "float8_e4m3fn_rowwise": 0.04,
                       "float8_e4m3fn_blockwise": 0.04}
 
 
 @pytest.mark.parametrize("family,scaling", FAMILIES)
 def test_pack_dequantize_matches_reconstruct_and_layout(family, scaling):
-    fmt = make_format(family, scaling, block_size=64)
+    fmt = make_format(family, scaling, block_size=64, convrot_group=ROTATION.get(family, 0))
     w = torch.randn(128, 192)
     grid, codes, t = rtn(fmt, w)
     dq = fmt.dequantize(t, (128, 192))
@@ -153,7 +154,7 @@ def test_pack_dequantize_matches_reconstruct_and_layout(family, scaling):
 
 def test_all_zero_weight_is_finite_in_every_format():
     for family, scaling in FAMILIES:
-        fmt = make_format(family, scaling, block_size=32)
+        fmt = make_format(family, scaling, block_size=32, convrot_group=ROTATION.get(family, 0))
         _, _, t = rtn(fmt, torch.zeros(64, 64))
         assert torch.all(fmt.dequantize(t, (64, 64)) == 0), fmt.name
 

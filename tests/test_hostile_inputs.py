@@ -460,7 +460,7 @@ regexish = st.text(alphabet="a!.()+*?|{}[]^$\\1,039:-", max_size=16)
 rule_keys = st.sampled_from(sorted(RULE_KEYS | set(SEED_KEY_ALIASES) | {"simple", "bogus", "_default"}))
 rule_values = st.one_of(json_values, regexish, st.integers(-2, 300),
                         st.sampled_from(["fp8", "int8", "nvfp4", "mxfp8", "fp16", "float8_e4m3fn", "int8_blockwise",
-                                         "row", "block", "tensor", "fp8_e5m2"]))
+                                         "row", "block", "tensor", "fp8_e5m2", "int4", "convrot_w4a4"]))
 rules = st.dictionaries(rule_keys, rule_values, max_size=5).map(lambda r: r | {"match": r.get("match", "a")}
                                                                  if len(r) % 2 else r)
 layer_configs = st.one_of(st.fixed_dictionaries({"rules": st.lists(st.one_of(rules, json_values), max_size=4)}),

@@ -134,8 +134,9 @@ def test_rank_selection_follows_top_p_min_k_max_k():
 
 @pytest.mark.parametrize("options,optimizer", [
     ({"format": "int8"}, "original"), ({"format": "int8", "convrot": True, "convrot_group_size": 16}, "radam"),
-    ({"format": "fp8"}, "adamw"), ({"format": "nvfp4"}, "original"), ({"format": "mxfp8"}, "adamw")],
-    ids=["int8", "convrot", "fp8", "nvfp4", "mxfp8"])
+    ({"format": "fp8"}, "adamw"), ({"format": "nvfp4"}, "original"), ({"format": "mxfp8"}, "adamw"),
+    ({"format": "int4"}, "adamw")],
+    ids=["int8", "convrot", "fp8", "nvfp4", "mxfp8", "int4"])
 def test_every_format_through_the_library_passes_full_verify(flux_file, tmp_path, options, optimizer):
     out = str(tmp_path / "learned.safetensors")
     result = quant_core.quantize(input=flux_file, output=out, method="learned", verify="full", exclude_layers=TWO_LAYERS,

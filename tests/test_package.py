@@ -38,7 +38,7 @@ def test_demo_converts_and_verifies_every_format(capsys, monkeypatch):
     assert run_demo([]) == 0
     out = capsys.readouterr().out
     assert out.count(" ok") == len(DEMO_RUNS) and "FAILED" not in out
-    for name in ("int8 per-row", "ConvRot", "fp8 e4m3fn", "fp8 e5m2", "nvfp4", "mxfp8"):
+    for name in ("int8 per-row", "ConvRot", "int4", "fp8 e4m3fn", "fp8 e5m2", "nvfp4", "mxfp8"):
         assert name in out
 
 

@@ -120,7 +120,8 @@ def test_full_disk_on_a_small_tmpfs(tmp_path, cli):
 
 
 @pytest.mark.parametrize("options", [dict(format="int8"), dict(format="fp8"), dict(format="nvfp4"),
-                                     dict(format="mxfp8"), dict(format="int8", convrot=True, convrot_group_size=16)],
+                                     dict(format="mxfp8"), dict(format="int8", convrot=True, convrot_group_size=16),
+                                     dict(format="int4")],
                          ids=lambda o: "-".join(str(v) for v in o.values()))
 def test_same_input_and_options_give_byte_identical_files(flux_file, tmp_path, options):
     a = quant_core.quantize(input=flux_file, output=str(tmp_path / "a.safetensors"), **options)

@@ -16,6 +16,7 @@ DEMO_RUNS = [  # (label, options)
     ("int8 per-row (default)", dict(format="int8")),
     ("int8 per-tensor", dict(format="int8", scaling_mode="tensor")),
     ("int8 per-row + ConvRot 64", dict(format="int8", convrot=True, convrot_group_size=64)),
+    ("int4 (ConvRot W4A4) 64", dict(format="int4", convrot_group_size=64)),
     ("fp8 e4m3fn", dict(format="fp8")),
     ("fp8 e5m2", dict(format="fp8_e5m2")),
     ("nvfp4", dict(format="nvfp4")),

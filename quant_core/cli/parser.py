@@ -12,6 +12,7 @@ import argparse
 from ..declare import Spec, specs
 from ..errors import QuantError
 from ..job import METHOD_CONFIGS, STAGES
+from ..quantization.formats import FORMAT_ALIASES, FORMAT_FAMILIES
 from ..quantization.methods.learned import OPTIMIZERS as LEARNED_OPTIMIZERS
 from ..select.presets import PRESETS
 
@@ -23,7 +24,7 @@ class OneLineParser(argparse.ArgumentParser):
         raise QuantError(f"{message} (see --help)")
 
 
-FORMAT_SHORTHANDS = ("int8", "fp8", "nvfp4", "mxfp8", "fp16")
+FORMAT_SHORTHANDS = ("int8", "int4", "fp8", "nvfp4", "mxfp8", "fp16")
 METHOD_CHOICES = ("rtn", "gptq", "quip", *LEARNED_OPTIMIZERS)
 # Flags kept for scripts written for the tool this one replaces; what they asked for is always done.
 ALWAYS_ON = {
@@ -48,7 +49,7 @@ class _FormatFlag(argparse.Action):
     """--format X and the --int8/--fp8/… shorthands: two different formats are a contradiction."""
 
     def __call__(self, parser, namespace, values, option_string=None):
-        value = self.const if self.const is not None else values
+        value = self.const if self.const is not None else FORMAT_ALIASES.get(values, values)
         previous = getattr(namespace, "format", None)
         if previous is not None and previous != value:
             raise QuantError(f"{option_string}: the format is already {previous!r}; give one format")
@@ -93,8 +94,8 @@ def build_convert_parser(prog: str, usage: str, description: str, epilog: str) -
 
 def _add_spellings(parser) -> None:
     spell = parser.add_argument_group("Spellings of the settings above")
-    spell.add_argument("--format", action=_FormatFlag, choices=("int8", "fp8", "fp8_e5m2", "nvfp4", "mxfp8", "fp16"),
-                       default=argparse.SUPPRESS, help="target format (default int8)")
+    spell.add_argument("--format", action=_FormatFlag, choices=(*FORMAT_FAMILIES, *FORMAT_ALIASES),
+                       default=argparse.SUPPRESS, help="target format (default int8; convrot_w4a4 = int4)")
     for name in FORMAT_SHORTHANDS:
         spell.add_argument(f"--{name}", action=_FormatFlag, nargs=0, const=name, default=argparse.SUPPRESS,
                            help=f"same as --format {name}")

@@ -7,6 +7,7 @@ without `.weight`, and refused unless its matching time is bounded: see `select.
         {"match": "double_blocks\\.0\\.", "skip": true},
         {"match": "attn\\.qkv", "format": "fp8", "scaling": "tensor"},
         {"match": "mlp", "format": "int8", "scaling": "row", "convrot": 256, "full_precision_matrix_mult": true},
+        {"match": "attn", "format": "int4", "convrot": 64},
         {"match": "txt_mlp", "format": "int8", "scaling": "block", "block_size": 64}
     ]}
 
@@ -31,7 +32,7 @@ SEED_IGNORED_KEYS = {"simple"}  # every method here is chosen globally; `simple`
 # Format names as convert-to-quant writes them → (family, scaling)
 FORMAT_NAME_ALIASES = {
     "float8_e4m3fn": ("fp8", "tensor"), "float8_e5m2": ("fp8_e5m2", "tensor"),
-    "int8_tensorwise": ("int8", None), "int8_blockwise": ("int8", "block"),
+    "int8_tensorwise": ("int8", None), "int8_blockwise": ("int8", "block"), "convrot_w4a4": ("int4", None),
     "float8_e4m3fn_rowwise": ("fp8", "row"), "float8_e4m3fn_blockwise": ("fp8", "block"),
 }
 
@@ -134,11 +135,14 @@ def _format(entry: dict, name: str, defaults) -> Format:
         raise QuantError(f"{name}: unknown format {brief(family)} (choose from {', '.join(f for f in FORMAT_FAMILIES if f != 'fp16')})")
     block_size = entry.get("block_size", defaults.block_size)
     convrot = entry.get("convrot", 0)
-    if convrot is True:
+    if family == "int4" and convrot is False:
+        raise QuantError(f"{name}: int4 is always rotated; 'convrot' can only give its group size")
+    if convrot is True or family == "int4" and not convrot:
         convrot = defaults.convrot_group_size
     if scaling is None and family == defaults.format:
         scaling = defaults.scaling_mode
+    linear_dtype = defaults.int4_linear_dtype if family == "int4" else "int4"
     try:
-        return make_format(family, scaling, block_size, convrot or 0)
+        return make_format(family, scaling, block_size, convrot or 0, linear_dtype)
     except ValueError as e:
         raise QuantError(f"{name}: {e}") from None

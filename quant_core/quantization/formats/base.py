@@ -68,6 +68,12 @@ class Format(ABC):
         """Which accepted shape of a companion this writes, where the contract accepts several (suffix → index)."""
         return None
 
+    @property
+    def rotation_group(self) -> int:
+        """ConvRot group size G: the codes approximate W·Rᵀ, R the block Hadamard of size G that ComfyUI applies
+        to the activations online (`int8.rotate`); 0 when the codes approximate W itself."""
+        return 0
+
     def fit(self, shape: tuple[int, ...]) -> str | None:
         """Why this format cannot hold a weight of this shape, or None if it can."""
         return None

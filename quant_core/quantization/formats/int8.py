@@ -80,6 +80,10 @@ class Int8Tensorwise(Format):
         if convrot_group:
             self.label = f"int8_convrot{convrot_group}"
 
+    @property
+    def rotation_group(self) -> int:
+        return self.convrot_group
+
     def fallback(self) -> Format:
         return Int8Tensorwise(per_row=True)
 

@@ -4,16 +4,16 @@ from __future__ import annotations
 import torch
 
 from ..formats.base import Format, Grid, divide_by_scale
-from ..formats.int8 import Int8Tensorwise, rotate
+from ..formats.int8 import rotate
 
 CLIP_FACTORS = (1.0, 0.97, 0.94, 0.91, 0.88, 0.85, 0.82, 0.79, 0.76, 0.73, 0.70)
 
 
 def work_hessian(fmt: Format, grid: Grid, hessian: torch.Tensor) -> torch.Tensor:
-    """H in the basis of `grid.work`: rotated like the weight for ConvRot (work = W·B, so x' = x·B, H' = B·H·B),
-    zero-padded (identity on the diagonal) to the padded width of block formats."""
+    """H in the basis of `grid.work`: rotated like the weight for ConvRot formats (int8 ConvRot, int4: work =
+    W·Rᵀ, so x' = x·R, H' = R·H·Rᵀ), zero-padded (identity on the diagonal) to the padded width of block formats."""
     h = hessian.to(device=grid.work.device, dtype=torch.float32)
-    group = getattr(fmt, "convrot_group", 0) if isinstance(fmt, Int8Tensorwise) else 0
+    group = fmt.rotation_group
     if group:
         h = rotate(rotate(h, group).T.contiguous(), group)
     pad = grid.work.shape[1] - h.shape[0]

@@ -7,9 +7,10 @@ then chooses codes in the rotated basis. Two ways to store the result:
 - original space (the default): Ŵ_T is rotated back and re-quantized by round-to-nearest on the format's
   own grid. ComfyUI loads it as any file of that format, but the second rounding adds a full RTN-sized error on
   top of LDLQ's: most of what LDLQ bought is lost (the bench script measures how much).
-- ConvRot (`--quip-store-transformed`): T is the block Hadamard ComfyUI applies to the activations online (no random
-  signs: ComfyUI would not apply them), the codes are stored as chosen, no second rounding. Only INT8 per-row.
-  This is LDLQ in ComfyUI's Hadamard basis (with that format, `gptq` does the same computation).
+- ConvRot (`--quip-store-transformed`, and always for `--format int4`, whose weights are stored rotated): T is the
+  block Hadamard ComfyUI applies to the activations online (no random signs: ComfyUI would not apply them), the codes
+  are stored as chosen, no second rounding. INT8 per-row and INT4. This is LDLQ in ComfyUI's Hadamard basis (with
+  those formats, `gptq` does the same computation).
 """
 from __future__ import annotations
 
@@ -20,7 +21,6 @@ import torch
 
 from ...calib.stats import InputStats
 from ..formats.base import Format, Grid, divide_by_scale
-from ..formats.int8 import Int8Tensorwise
 from ...declare import option
 from .gptq import GPTQ, GPTQConfig, SweepSettings
 from .sweep import SweepConfig
@@ -112,8 +112,8 @@ class QuIP:
         self._ldlq = GPTQ(GPTQConfig(scale_search=self.config.scale_search), self.config.sweep_config())
 
     def codes(self, fmt: Format, grid: Grid, layer: str, stats: InputStats | None = None) -> torch.Tensor:
-        if isinstance(fmt, Int8Tensorwise) and fmt.convrot_group:
-            return self._ldlq.codes(fmt, grid, layer, stats)  # ComfyUI's Hadamard basis: stored as chosen
+        if fmt.rotation_group:  # int8 ConvRot, int4: ComfyUI's Hadamard basis, stored as chosen
+            return self._ldlq.codes(fmt, grid, layer, stats)
         return self._original_space(fmt, grid, layer, stats)
 
     def _original_space(self, fmt: Format, grid: Grid, layer: str, stats: InputStats | None) -> torch.Tensor:
