@@ -138,8 +138,11 @@ def conversion_report(result, display: str, plan: QuantRecipe) -> dict:
         "formats": dict(Counter(s.format for s in layers)),
         "kept": sum(1 for d in result.plan.of(KEEP) if d.key.endswith(".weight")),
         "threshold_db": result.report.threshold_db, "mean_sqnr_db": _finite(result.report.mean_sqnr()),
-        "summary": result.report.summary(),
-        "layers": [{"name": s.layer, "format": s.format, "sqnr_db": _finite(s.sqnr_db)} for s in layers],
+        "summary": result.report.summary(),  # says whether output figures are held-out or in-sample
+        "output_sqnr_basis": result.report.output_basis(),  # "held-out", "in-sample", "mixed" or None
+        "method_layers": result.report.to_json()["method_layers"],  # kept vs round-to-nearest (JSON-safe)
+        "layers": [{"name": s.layer, "format": s.format, "sqnr_db": _finite(s.sqnr_db), "method_kept": s.method_kept}
+                   for s in layers],
         "verify": _verify_dict(verification),
         "lora": None if result.lora is None else result.lora.summary(),
         "notes": result.notes,

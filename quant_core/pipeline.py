@@ -23,7 +23,7 @@ from .job import Job
 from .quantization.bias import LayerCalibration
 from .quantization.formats.markers import MARKER, MARKER_SUFFIX, QUANT_METADATA_KEY, header_metadata
 from .quantization.layer import LayerRun, pick_device, quantize_layer, streaming_threshold
-from .quantization.methods import make_method
+from .quantization.methods import METHODS, make_method
 from .report import LayerStats, QualityReport
 from .select.plan import KEEP, QUANTIZE, REMOVE, Plan, build_plan, require_work
 from .version import __version__
@@ -115,12 +115,7 @@ def _calibration(reader: SafetensorsReader, plan: Plan, job: Job) -> LayerCalibr
     """The calibration source (validated before anything is written) and the per-layer bias bookkeeping."""
     source = None
     if job.uses_statistics():
-        downs = None
-        if job.calibration.calibration_lora is not None:
-            from .transform.lora.merge import lora_input_directions
-            downs = lora_input_directions(job.calibration.calibration_lora, {i.name: i.shape for i in reader.infos()},
-                                          job.lora.lora_mapping, job.lora.lora_max_unmatched)
-        source = build_source(job.calibration, downs)
+        source = build_source(job.calibration)
         source.bind(_layer_widths(reader, plan))
     biased = {d.layer for d in plan.of(QUANTIZE) if f"{d.layer}.bias" in plan.decisions}
     # SmoothQuant divides the inputs by s: the file's E[x] no longer describes them, so no bias correction then
@@ -225,8 +220,7 @@ def _refuse_name_collisions(reader: SafetensorsReader, plan: Plan, path: str) ->
 
 def _user_files(input_path: str, job: Job) -> list[tuple[str, str]]:
     """(role, path) of every file the run reads: none of them may be replaced by the output or the report."""
-    files = [("input", input_path), ("calibration file", job.calibration.calibration_data),
-             ("calibration LoRA", job.calibration.calibration_lora)]
+    files = [("input", input_path), ("calibration file", job.calibration.calibration_data)]
     files += [("LoRA", path) for path, _ in job.lora.loras]
     for role, value in (("layer config", job.select.layer_config), ("LoRA mapping", job.lora.lora_mapping)):
         if isinstance(value, str):
@@ -313,16 +307,26 @@ def _stream(reader: SafetensorsReader, plan: Plan, output_path: str, job: Job, d
         notes += [f"removed {path}, left by an interrupted run" for path in writer.stale_removed]
         run = _Run(plan, job, writer, layer_run, calibration, extras, transform, notes)
         _stream_tensors(reader, keys, run, ahead, on_layer)
-        notes += filter(None, [calibration.skipped_note()])
+        notes += filter(None, [calibration.skipped_note(), _no_statistics_note(job, calibration, len(run.stats))])
         writer.finish(_output_metadata(metadata, run.layers_conf, job))
         still_wanted = (lambda: on_layer(run.layers_total, run.layers_total)) if on_layer is not None else None
         verification = _verify_temp(writer.temp, reader.path, job, transform, still_wanted)
         if still_wanted is not None:
             still_wanted()  # a cancel during the final checks still leaves no file
         writer.publish()
-    report = QualityReport(run.stats, job.output.quality_threshold)
+    report = QualityReport(run.stats, job.output.quality_threshold, job.method)
     return ConvertResult(output_path, plan, report, 0.0, 0, 0, notes, verification,
                          merger.report if merger is not None else None)
+
+
+def _no_statistics_note(job: Job, calibration: LayerCalibration, layers: int) -> str | None:
+    """The one line a run of GPTQ/QuIP without real statistics prints: every layer is round-to-nearest, and why."""
+    if not layers or not METHODS[job.method].method_class.needs_stats or calibration.real:
+        return None
+    return (f"{job.method}: no recorded input statistics ({calibration.unreal_label()}); measured on held-out inputs, "
+            f"methods fitted to such statistics are worse than round-to-nearest, so all {layers} layers are "
+            "round-to-nearest. Record statistics with `python -m quant_core calibrate --hf-model` or the ComfyUI "
+            "capture nodes and pass --calibration-data.")
 
 
 def _stream_tensors(reader: SafetensorsReader, keys: list[str], run: _Run, ahead: int, on_layer) -> None:
@@ -377,8 +381,6 @@ def _output_metadata(metadata: dict, layers_conf: dict, job: Job) -> dict:
 def _calibration_label(job: Job) -> str:
     if job.calibration.calibration_data:
         return f"file {os.path.basename(job.calibration.calibration_data)}"
-    if job.calibration.calibration_lora:
-        return f"LoRA {os.path.basename(job.calibration.calibration_lora)}"
     return "synthetic N(0, I)"
 
 

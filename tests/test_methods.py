@@ -165,24 +165,20 @@ def test_quip_convrot_file_dequantizes_through_comfy_kitchen(calibrated_model, t
 def test_synthetic_calibration_is_said_and_changes_no_bias(make_file, tmp_path):
     src = make_file({"x.weight": torch.randn(32, 64), "x.bias": torch.ones(32)})
     result = quant_core.quantize(src, str(tmp_path / "o.safetensors"), method="gptq")
-    assert result.report.layers[0].calibration == "synthetic N(0, I)"
+    assert result.report.layers[0].calibration == "synthetic N(0, I): round-to-nearest"
     assert result.report.layers[0].output_sqnr_db is None  # synthetic inputs say nothing about real outputs
     with safe_open(result.output, "pt") as f:
         assert torch.equal(f.get_tensor("x.bias"), torch.ones(32))
         assert json.loads(f.metadata()["quant_core"])["calibration"] == "synthetic N(0, I)"
 
 
-def test_lora_informed_calibration_follows_the_lora(make_file, tmp_path):
-    g = torch.Generator().manual_seed(0)
-    src = make_file({"blk.proj.weight": torch.randn(48, 64, generator=g)})
-    down = torch.randn(4, 64, generator=g)
-    lora = make_file({"blk.proj.lora_down.weight": down, "blk.proj.lora_up.weight": torch.randn(48, 4, generator=g)},
-                     name="lora.safetensors")
-    result = quant_core.quantize(src, str(tmp_path / "o.safetensors"), method="gptq", calibration_lora=lora)
-    assert result.report.layers[0].calibration == "LoRA-informed"
-    rtn = quant_core.quantize(src, str(tmp_path / "r.safetensors"))
-    with safe_open(result.output, "pt") as a, safe_open(rtn.output, "pt") as b:
-        assert not torch.equal(a.get_tensor("blk.proj.weight"), b.get_tensor("blk.proj.weight"))
+def test_lora_informed_calibration_is_refused(make_file, tmp_path):
+    """LoRA directions are not recorded inputs: GPTQ/QuIP would run as RTN on them, so the setting is inert."""
+    src = make_file({"blk.proj.weight": torch.randn(48, 64)})
+    with pytest.raises(quant_core.QuantError, match="--calibration-lora is refused: LoRA-informed directions are "
+                                                    "not recorded inputs.*--calibration-data"):
+        quant_core.quantize(src, str(tmp_path / "o.safetensors"), method="gptq", calibration_lora=src)
+    assert not (tmp_path / "o.safetensors").exists()
 
 
 def test_layers_missing_from_the_file_fall_back_and_say_so(calibrated_model, make_file, tmp_path):
@@ -256,13 +252,21 @@ def test_quip_checkpointed_cli_matches_plain(cli, calibrated_model, tmp_path):
         assert int(diff.max()) <= 1 and float((diff > 0).float().mean()) < 0.01
 
 
-def test_report_says_when_a_method_does_not_beat_rtn(calibrated_model, tmp_path):
-    """QuIP stored in the original space re-quantizes by RTN: on these inputs it loses, and the report says so."""
+def test_a_method_that_does_not_beat_rtn_falls_back_and_says_so(calibrated_model, tmp_path):
+    """QuIP stored in the original space re-quantizes by RTN: on these inputs it loses on every layer, so every
+    layer is written with RTN's codes (every tensor is RTN's, biases included), and the report counts it."""
     src, calib, _ = calibrated_model
     result = quant_core.quantize(src, str(tmp_path / "o.safetensors"), method="quip", calibration_data=calib)
-    layer = next(s for s in result.report.layers if s.layer == "enc.a")
-    assert layer.output_sqnr_db < layer.rtn_output_sqnr_db
-    assert "NOT better than RTN" in result.report.summary()
+    rtn = quant_core.quantize(src, str(tmp_path / "r.safetensors"), calibration_data=calib)
+    with safe_open(result.output, "pt") as a, safe_open(rtn.output, "pt") as b:
+        assert a.keys() == b.keys() and all(torch.equal(a.get_tensor(k), b.get_tensor(k)) for k in a.keys())
+    for layer in result.report.layers:
+        assert layer.method_kept is False and layer.method_sqnr_db < layer.rtn_output_sqnr_db - 0.5
+        assert layer.output_sqnr_db == layer.rtn_output_sqnr_db and layer.compared_on == "held-out inputs"
+        assert "quip not better than RTN on held-out inputs" in layer.calibration
+    summary = result.report.summary()
+    assert "NOT better than RTN" in summary and "quip: round-to-nearest on all 2 layers (not better than RTN on " \
+        "held-out inputs: " in summary
 
 
 @pytest.mark.parametrize("method,flags", [
@@ -270,13 +274,18 @@ def test_report_says_when_a_method_does_not_beat_rtn(calibrated_model, tmp_path)
     ("quip", ["--quip-seed", "7"]), ("quip", ["--no-quip-hadamard"]), ("quip", ["--no-quip-actorder"]),
 ])
 def test_method_flags_change_the_codes(cli, calibrated_model, tmp_path, method, flags):
+    """GPTQ beats RTN here, so its flags change the written codes; original-space QuIP loses to RTN on every
+    layer, so RTN's codes are written either way and its flags change the rejected candidate (reported)."""
     src, calib, _ = calibrated_model
     base = ["-i", src, "--optimizer", method, "--calibration-data", calib, "-o"]
-    assert cli(*base, tmp_path / "a.safetensors")[0] == 0
-    code, _, err = cli(*base, tmp_path / "b.safetensors", *flags)
+    assert cli(*base, tmp_path / "a.safetensors", "--report", tmp_path / "a.json")[0] == 0
+    code, _, err = cli(*base, tmp_path / "b.safetensors", "--report", tmp_path / "b.json", *flags)
     assert code == 0, err
+    reports = [{s["layer"]: s for s in json.load(open(tmp_path / f"{n}.json"))["layers"]}["enc.a"] for n in "ab"]
+    assert reports[0]["method_kept"] is (method == "gptq") and reports[1]["method_kept"] is (method == "gptq")
+    assert reports[0]["method_sqnr_db"] != reports[1]["method_sqnr_db"]
     with safe_open(str(tmp_path / "a.safetensors"), "pt") as a, safe_open(str(tmp_path / "b.safetensors"), "pt") as b:
-        assert not torch.equal(a.get_tensor("enc.a.weight"), b.get_tensor("enc.a.weight"))
+        assert torch.equal(a.get_tensor("enc.a.weight"), b.get_tensor("enc.a.weight")) is (method == "quip")
 
 
 def test_lazy_batch_size_does_not_change_the_result(layer):

@@ -302,6 +302,19 @@ def test_gptq_with_a_calibration_file_from_the_calibration_folder(pack, comfy_di
     assert report["verify"]["ok"] and len(report["layers"]) == 26
     with safe_open(out.args[0], "pt") as f:
         assert json.loads(f.metadata()["quant_core"])["method"] == "gptq"
+    # no held-out part: the report says the figures are in-sample, and counts the layers GPTQ kept
+    assert report["output_sqnr_basis"] == "in-sample" and "on held-out" not in report["summary"]
+    assert "in-sample (the calibration file has no held-out part; these figures flatter the method)" in report["summary"]
+    kept = sum(layer["method_kept"] is True for layer in report["layers"])
+    assert report["method_layers"]["kept"] == kept and report["method_layers"]["round_to_nearest"] == 26 - kept
+
+
+def test_gptq_without_a_calibration_file_is_round_to_nearest_and_says_so(pack, comfy_dirs):
+    out = run_chain(pack, tiny_model(comfy_dirs), fmt_inputs={"fp8_type": "e4m3fn", "method": "gptq"})
+    report = out.ui["quant_report"][0]
+    assert "gptq: round-to-nearest on all 26 layers (no recorded input statistics)" in report["summary"]
+    assert sum("gptq: no recorded input statistics (synthetic N(0, I))" in n for n in report["notes"]) == 1
+    assert report["method_layers"]["round_to_nearest"] == 26 and report["method_layers"]["kept"] == 0
 
 
 def test_smoothquant_node_adds_an_exact_fold_step(pack, comfy_dirs):

@@ -1,5 +1,5 @@
-"""The quantize stage for one layer: which device computes it, the method on the format's grid, the marker, and
-the layer's error statistics."""
+"""The quantize stage for one layer: which device computes it, the method on the format's grid (kept only where it
+beats round-to-nearest: `bias.Evaluation`), the marker, and the layer's error statistics."""
 from __future__ import annotations
 
 import math
@@ -9,9 +9,10 @@ import torch
 
 from ..errors import QuantError
 from ..report import layer_stats
-from .bias import LayerCalibration
+from .bias import Evaluation, LayerCalibration, Outcome, weight_evaluation
 from .formats import Format
 from .formats.markers import MARKER_SUFFIX, marker_tensor
+from .methods.rtn import RoundToNearest
 
 # --streaming-mode: layers with more weight elements than this are quantized on the CPU when the device is CUDA
 STREAMING_THRESHOLDS = {"off": math.inf, "minimal": 100_000_000, "balanced": 50_000_000, "aggressive": 25_000_000}
@@ -68,12 +69,15 @@ class LayerRun:
     def device_for(self, numel: int) -> torch.device:
         return torch.device("cpu") if numel > self.cpu_above else self.device
 
-    def compute(self, decision, tensor: torch.Tensor, stats=None):
-        """(tensors to write, fp32 weight, fp32 reconstruction) on the layer's device; an out-of-memory error on
-        CUDA retries the layer on the CPU (unless --no-memory-limits) and says so."""
+    def compute(self, decision, tensor: torch.Tensor, stats=None, method=None, guard: Evaluation | None = None):
+        """(tensors to write, fp32 weight, fp32 reconstruction of what is written, Outcome or None) on the layer's
+        device. `method` defaults to the run's; with `guard`, RTN's codes are computed too and the method's are
+        written only if they beat them on it. An out-of-memory error on CUDA retries the layer on the CPU (unless
+        --no-memory-limits) and says so."""
+        method = method or self.method
         device = self.device_for(tensor.numel())
         try:
-            return self._compute_on(device, decision, tensor, stats)
+            return self._compute_on(device, decision, tensor, stats, method, guard)
         except torch.cuda.OutOfMemoryError:
             if device.type == "cpu":
                 raise
@@ -82,17 +86,27 @@ class LayerRun:
                                  "no CPU retry); drop --no-memory-limits or use --streaming-mode aggressive") from None
             torch.cuda.empty_cache()
             self.notes.append(f"{decision.layer}: CUDA out of memory; quantized on the CPU instead")
-            return self._compute_on(torch.device("cpu"), decision, tensor, stats)
+            return self._compute_on(torch.device("cpu"), decision, tensor, stats, method, guard)
 
-    def _compute_on(self, device: torch.device, decision, tensor: torch.Tensor, stats):
+    def _compute_on(self, device: torch.device, decision, tensor: torch.Tensor, stats, method, guard):
         weight = tensor.to(device=device, dtype=torch.float32, non_blocking=True)
         fmt: Format = decision.format
-        if hasattr(self.method, "compute_dtype"):
-            self.method.compute_dtype = compute_dtype(tensor.numel(), device, self.method.config)
+        if hasattr(method, "compute_dtype"):
+            method.compute_dtype = compute_dtype(tensor.numel(), device, method.config)
         grid = fmt.grid(weight)
-        codes = self.method.codes(fmt, grid, decision.layer, stats)
-        packed = fmt.pack(codes, grid)
-        return packed, weight, fmt.reconstruct(codes, grid)
+        if guard is None:
+            codes = method.codes(fmt, grid, decision.layer, stats)
+            packed = fmt.pack(codes, grid)
+            return packed, weight, fmt.reconstruct(codes, grid), None
+        own = replace(grid)  # methods may rebind grid.scale (GPTQ's scale search); RTN rounds on the format's own
+        rtn_codes = RoundToNearest().codes(fmt, own, decision.layer)
+        codes = method.codes(fmt, grid, decision.layer, stats)
+        approx = fmt.reconstruct(codes.clone(), grid)
+        rtn_approx = fmt.reconstruct(rtn_codes.clone(), own)
+        outcome: Outcome = guard.compare(weight, approx, rtn_approx)
+        if not outcome.kept:
+            codes, grid, approx = rtn_codes, own, rtn_approx
+        return fmt.pack(codes, grid), weight, approx, outcome
 
 
 def count_nonfinite(tensor: torch.Tensor) -> int:
@@ -113,9 +127,15 @@ def quantize_layer(decision, tensor: torch.Tensor, writer, run: LayerRun, calibr
         writer.add(decision.key, tensor)
         return None, f"{bad} NaN/Inf values (--allow-nonfinite: kept in high precision)"
     stats, source_note = calibration.stats(decision.layer, tensor.shape[1])
-    if stats is None and run.method.needs_stats:
+    method = run.method
+    if method.needs_stats and stats is None:  # fitted to no (or synthetic) statistics: worse than RTN (METHODS.md)
+        method = RoundToNearest()
         source_note = f"{source_note}: round-to-nearest"
-    packed, weight, rebuilt = run.compute(decision, tensor, stats)
+    evaluation = calibration.evaluation(decision.layer, stats)
+    if evaluation is None and method.name != "rtn":
+        evaluation = weight_evaluation()  # learned rounding without real statistics: judged on the weight error
+    guard = evaluation if method.name != "rtn" else None
+    packed, weight, rebuilt, outcome = run.compute(decision, tensor, stats, method, guard)
     for suffix, value in packed.items():
         writer.add(f"{decision.layer}.{suffix}", value)
     if input_scale is not None:
@@ -125,6 +145,6 @@ def quantize_layer(decision, tensor: torch.Tensor, writer, run: LayerRun, calibr
     if decision.full_precision_matrix_mult:
         conf["full_precision_matrix_mult"] = True
     writer.add(f"{decision.layer}.{MARKER_SUFFIX}", marker_tensor(conf))
-    extra = calibration.after_layer(decision.layer, fmt, weight, rebuilt, stats)
+    extra = calibration.after_layer(decision.layer, run.method.name, weight, rebuilt, evaluation, outcome)
     extra["calibration"] = "; ".join(filter(None, (source_note, extra.get("calibration"))))
     return conf, replace(layer_stats(decision.layer, fmt, weight, rebuilt, decision.reason), **extra)

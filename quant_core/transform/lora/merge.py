@@ -321,19 +321,6 @@ def lora_scales(single: str | None, several: tuple[str, ...], scale: float, damp
     return [(path, scale * (DAMPEN ** i if dampen and multiple else 1.0)) for i, path in enumerate(files)]
 
 
-def lora_input_directions(path: str, weight_shapes: dict[str, tuple[int, ...]], mapping=None,
-                          max_unmatched: int = 0) -> dict[str, torch.Tensor]:
-    """layer → the rows spanning the LoRA's input directions for it ([r, K]: lora_down, or ΔW's rows for the
-    LoRA kinds without a down-projection). Matching is the LoRA merger's (same key styles and --lora-mapping)."""
-    merger = LoraMerger([(path, 1.0)], weight_shapes, mapping=mapping, max_unmatched=max_unmatched)
-    downs = {}
-    for key, modules in merger.pending.items():
-        rows = [m.parts["lora_down.weight"].float().reshape(m.parts["lora_down.weight"].shape[0], -1)
-                if "lora_down.weight" in m.parts else m.delta().reshape(m.delta_shape()[0], -1) for m in modules]
-        downs[key[: -len(".weight")]] = torch.cat(rows)
-    return downs
-
-
 def check_lora(model_path: str, lora_path: str, strength: float) -> None:
     """Raise QuantError when a LoRA does not fit a model (reads the two headers and the LoRA's factors only)."""
     with SafetensorsReader(model_path, low_memory=True) as reader:
