@@ -1,4 +1,4 @@
-"""Quantize INT8 / FP8 / NVFP4 / MXFP8: choose the format and the engine's selection settings for the plan.
+"""Quantize INT8 / INT4 / FP8 / NVFP4 / MXFP8: choose the format and the engine's selection settings for the plan.
 
 Inputs that are engine settings take their default, range and help from the engine's declarations
 (`quant_core.SETTINGS`); the node checks its values through the engine itself (`quant_core.Job.build`), in
@@ -162,6 +162,36 @@ def _int8(scaling, convrot, convrot_group_size, quip_convrot_storage, **rest) ->
     if rest.get("method") == "quip":  # the input is shown for every method; only QuIP reads it
         settings["quip_store_transformed"] = quip_convrot_storage
     return settings
+
+
+class QuantizeINT4(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return _schema("QuantCoreQuantizeINT4", "Quantize INT4", "INT4 weights in ComfyUI's ConvRot W4A4 format "
+                       "(convrot_w4a4): a block-Hadamard rotation, 4-bit codes and one scale per row; about a quarter "
+                       "of BF16; INT4 tensor-core matmul on RTX 20/30/40 and later. Needs a ComfyUI from July 2026 on.", [
+            io.Combo.Input("convrot_group_size", options=CONVROT_GROUPS,
+                           default=str(quant_core.SETTINGS["convrot_group_size"][1]),
+                           tooltip="Rotation block size (a power of 4). Layers whose input width is not a multiple "
+                                   "of it and of 64 are written as per-row INT8 instead, with a note."),
+            setting_input("int4_linear_dtype", input_name="activations",
+                          tooltip="What ComfyUI quantizes the activations to on the GPU: int4 (W4A4, fastest) or "
+                                  "int8 (W4A8, more accurate, INT8 speed)."),
+        ])
+
+    @classmethod
+    def validate_inputs(cls, **inputs):
+        return _validate(_int4, **inputs)
+
+    @classmethod
+    def execute(cls, plan, **inputs) -> io.NodeOutput:
+        return _execute(_int4, plan, **inputs)
+
+
+def _int4(convrot_group_size, activations, **rest) -> dict:
+    _choice("convrot_group_size", str(convrot_group_size), CONVROT_GROUPS)
+    _choice("activations", activations, list(quant_core.SETTINGS["int4_linear_dtype"][0].choices))
+    return dict(rest, format="int4", convrot_group_size=int(convrot_group_size), int4_linear_dtype=activations)
 
 
 class QuantizeFP8(io.ComfyNode):

