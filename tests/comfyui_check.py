@@ -210,7 +210,11 @@ def storage_problems(fmt, conf, sub, layer, n, k):
         # ComfyUI's own parser has no F8_E8M0 dtype: the E8M0 exponents must be stored as U8
         want("weight_scale", s1, [(_ru(n32, 128), _ru(k32 // 32, 4))], (torch.uint8,))
     elif fmt == "convrot_w4a4":
-        want("weight", w, [(n, k // 2)], (torch.int8,))
+        want("weight", w, [(n, k // 2)], (torch.int8,))  # two INT4 codes per byte, value-cast to int8 on load
+        want("weight_scale", s1, [(n,)], floats)  # comfy-kitchen's INT4 kernels take a 1-D per-row scale only
+        g = conf.get("convrot_groupsize", conf.get("params", {}).get("convrot_groupsize", 256))
+        if k % int(g) or k % 64:
+            out.append(f"convrot_w4a4: K={k} must be a multiple of convrot_groupsize {g!r} and of 64")
     return out
 
 
@@ -225,7 +229,7 @@ def expectation_problems(a, fmt, conf, sub, layer, n):
             out.append(f"int8 scale {None if s is None else tuple(s.shape)} is not {a.expect_int8_scale}-wise")
     if a.expect_convrot_group is not None:
         g = conf.get("convrot_groupsize", conf.get("params", {}).get("convrot_groupsize"))
-        on = conf.get("convrot", conf.get("params", {}).get("convrot"))
+        on = conf.get("convrot", conf.get("params", {}).get("convrot")) or fmt == "convrot_w4a4"  # always rotated
         if not on or g is None or int(g) != a.expect_convrot_group:
             out.append(f"convrot={on!r} group={g!r}, expected convrot group {a.expect_convrot_group}")
     return out
@@ -327,6 +331,8 @@ def check_layers(a, reader, sd, metadata, src_sd, cap, probs, stats):
                 fail(LOAD, f"weight not quantized after load ({type(w).__name__})")
             elif w._layout_cls != QUANT_ALGOS[fmt]["comfy_tensor_layout"]:
                 fail(LOAD, f"layout {w._layout_cls} != {QUANT_ALGOS[fmt]['comfy_tensor_layout']}")
+            elif fmt == "convrot_w4a4":
+                fail_w4a4_params(w._params, conf, a.expect_linear_dtype, fail)
             path = ("dequant" if getattr(leaf, "_full_precision_mm", False)
                     else "w-only" if not QUANT_ALGOS[fmt].get("quantize_input", True) else "q-act")
 
@@ -358,6 +364,17 @@ def check_layers(a, reader, sd, metadata, src_sd, cap, probs, stats):
         st[2] = max(st[2], deq_rel if deq_rel == deq_rel else math.inf)
         print(f"{layer:36s} {str(fmt):16s} {shape:>11s} {path:8s} {fwd_rel:8.5f} {deq_rel:8.5f} {bound:5.2f}  "
               f"{_NAME[code]}" + (f" {'; '.join(notes)}" if notes else " missing=[] unexpected=[]"))
+
+
+def fail_w4a4_params(params, conf, expect_linear_dtype, fail):
+    """convrot_w4a4: the marker's group size and linear dtype must reach the layout's params (ComfyUI reads them
+    from the marker; a default in their place would rotate the activations by another matrix)."""
+    want = (int(conf.get("convrot_groupsize", 256)), conf.get("linear_dtype", "int4"))
+    got = (params.convrot_groupsize, params.linear_dtype)
+    if got != want:
+        fail(LOAD, f"loaded (convrot_groupsize, linear_dtype) {got} != marker {want}")
+    if expect_linear_dtype and params.linear_dtype != expect_linear_dtype:
+        fail(LOAD, f"linear_dtype {params.linear_dtype!r}, expected {expect_linear_dtype!r}")
 
 
 def fail_input_scale(leaf, stored, fail):
@@ -536,7 +553,10 @@ def main(argv=None):
                          "can't load SRC as a diffusion model, require = that is a failure")
     ap.add_argument("--expect-format", help="every marked layer must have this ComfyUI format name")
     ap.add_argument("--expect-int8-scale", choices=["tensor", "row"], help="int8 weight_scale must be per-tensor/per-row")
-    ap.add_argument("--expect-convrot-group", type=int, help="int8 layers must be ConvRot with this group size")
+    ap.add_argument("--expect-convrot-group", type=int,
+                    help="int8 / convrot_w4a4 layers must be ConvRot with this group size")
+    ap.add_argument("--expect-linear-dtype", choices=["int4", "int8"],
+                    help="convrot_w4a4 layers must load with this linear_dtype")
     ap.add_argument("--expect-input-scale", action="store_true",
                     help="every marked layer has an input_scale that ComfyUI puts on the module unchanged")
     ap.add_argument("--bound", action="append", default=[], metavar="FMT=X", help="override an error bound")

@@ -134,6 +134,30 @@ def test_example_int8_workflow_runs_with_progress_and_verifies(server):
         assert "RESULT: OK" in check.stdout, check.stdout[-3000:] + check.stderr[-2000:]
 
 
+def test_int4_workflow_saves_a_file_that_comfyui_loads(server):
+    prompt = example("flux_int8.json")
+    inputs = {k: v for k, v in prompt["2"]["inputs"].items() if k not in ("scaling", "convrot", "quip_convrot_storage")}
+    prompt["2"] = {"class_type": "QuantCoreQuantizeINT4", "inputs": dict(inputs, convrot_group_size="256",
+                                                                          activations="int4")}
+    prompt["3"]["inputs"]["filename_prefix"] = "quantized/flux1-dev_int4"
+    run = server.run(prompt)
+    keep_transcript(run, "flux_int4_api")
+    assert run.status == 200 and run.end == "execution_success", run.transcript()
+    report = run.history["outputs"]["3"]["quant_report"][0]
+    assert report["verify"]["ok"] is True and report["formats"] == {"convrot_w4a4 (G=256)": 26}
+    verified = run.history["outputs"]["4"]["quant_report"][0]
+    assert verified["verify"]["ok"] and min(l["sqnr_db"] for l in verified["layers"]) > 15
+    path = saved_path(run, "3")
+    assert quant_core.verify(path).ok
+    if server.python != sys.executable:  # a newer ComfyUI: the one that knows convrot_w4a4 loads it
+        check = subprocess.run([server.python, str(ROOT / "tests" / "comfyui_check.py"), path,
+                                str(server.models("diffusion_models") / MODEL), "--unet", "require",
+                                "--expect-format", "convrot_w4a4", "--expect-convrot-group", "256"], cwd=ROOT / "tests",
+                               env=dict(os.environ, PYTHONPATH=os.pathsep.join([str(server.tree), *server.stub_paths()])),
+                               capture_output=True, text=True)
+        assert "RESULT: OK" in check.stdout, check.stdout[-3000:] + check.stderr[-2000:]
+
+
 def test_example_fp8_lora_workflow(server):
     run = server.run(example("flux_fp8_lora.json"))
     keep_transcript(run, "flux_fp8_lora_api")
