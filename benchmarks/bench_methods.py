@@ -184,7 +184,7 @@ class Judge:
 def calibrate(sentences: list[str], workdir: str, name: str) -> str:
     import minilm
 
-    from quant_core.cli.convert import main
+    from quant_core.cli import main
     text = os.path.join(workdir, f"{name}.txt")
     with open(text, "w", encoding="utf-8") as f:
         f.write("\n".join(sentences) + "\n")
@@ -207,9 +207,9 @@ def run_row(judge: Judge, workdir: str, argv: list[str]) -> tuple[float, float, 
     return judge.sqnr_db(out), seconds, result
 
 
-FORMATS = {"int8": ["--format", "int8"], "fp8": ["--format", "fp8"], "nvfp4": ["--format", "nvfp4"],
-           "mxfp8": ["--format", "mxfp8"]}
 CONVROT = ["--convrot", "--convrot-group-size", "64"]  # MiniLM's K (384, 1536) are multiples of 64, not of 256
+FORMATS = {"int8": ["--format", "int8"], "int4": ["--format", "int4", "--convrot-group-size", "64"],
+           "fp8": ["--format", "fp8"], "nvfp4": ["--format", "nvfp4"], "mxfp8": ["--format", "mxfp8"]}
 
 
 LARGE_SET_ROWS = ("gptq", "gptq damp 0.01", "quip ConvRot-stored")  # rows also run with the larger set
@@ -217,7 +217,7 @@ LARGE_SET_ROWS = ("gptq", "gptq damp 0.01", "quip ConvRot-stored")  # rows also 
 
 def rows_for(fmt: str) -> list[tuple[str, list[str]]]:
     """(label, extra flags) of every row of a format; methods taken from quant_core.quantization.methods."""
-    rows = [(method, ["--optimizer", method]) for method in METHODS]
+    rows = [(method, ["--optimizer", method]) for method in METHODS if method != "learned"]  # bench_learned.py
     if "gptq" in METHODS:
         rows.append(("gptq damp 0.01", ["--optimizer", "gptq", "--gptq-damp", "0.01"]))
     if fmt == "int8":
@@ -230,7 +230,7 @@ def rows_for(fmt: str) -> list[tuple[str, list[str]]]:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--formats", default="int8,fp8", help="comma-separated: int8, fp8, nvfp4, mxfp8")
+    parser.add_argument("--formats", default="int8,fp8", help="comma-separated: int8, int4, fp8, nvfp4, mxfp8")
     parser.add_argument("--large", type=int, default=600, help="sentences added for the larger-set rows (0: none)")
     parser.add_argument("--json", help="also write the rows as JSON")
     args = parser.parse_args()

@@ -10,13 +10,14 @@ import minilm  # noqa: E402
 import quant_core  # noqa: E402
 
 # cosine floor per format on these sentences (measured: int8 row 0.99955, convrot 0.99974, fp8 0.99846,
-# mxfp8 0.99821, e5m2 0.99319, nvfp4 0.97228, int8 per-tensor 0.96313)
+# mxfp8 0.99821, e5m2 0.99319, nvfp4 0.97228, int8 per-tensor 0.96313, int4 G=64 0.92134)
 CASES = [
     ("int8 per-row (default)", {}, 0.9995),
     ("int8 per-row + ConvRot", {"convrot": True, "convrot_group_size": 64}, 0.9996),
     ("fp8", {"format": "fp8"}, 0.998),
     ("mxfp8", {"format": "mxfp8"}, 0.998),
     ("nvfp4", {"format": "nvfp4"}, 0.96),
+    ("int4 (ConvRot W4A4, G=64)", {"format": "int4", "convrot_group_size": 64}, 0.91),
 ]
 
 
