@@ -143,7 +143,7 @@ class CalibrationSettings:
 
     def uses_statistics(self, method: str) -> bool:
         """Whether a conversion reads per-layer input statistics (a method, bias correction or the report)."""
-        return METHODS[method].method_class.needs_stats or bool(self.calibration_data or self.calibration_lora)
+        return METHODS[method].method_class.needs_stats or bool(self.calibration_data)
 
 
 def _smoothing(settings: dict) -> str | None:
@@ -162,7 +162,7 @@ class SmoothQuantSettings:
 
 
 def _loras_given(settings: dict) -> str | None:
-    return None if settings["loras"] or settings["calibration_lora"] else "applies when LoRAs are merged or read"
+    return None if settings["loras"] else "applies when LoRAs are merged"
 
 
 @dataclass
@@ -346,9 +346,6 @@ def _check_job(job: Job) -> None:
 
 
 def _check_calibration(job: Job) -> None:
-    cal = job.calibration
-    if cal.calibration_data and cal.calibration_lora:
-        raise QuantError("--calibration-data and --calibration-lora are two calibration sources; give one")
     if job.smoothquant.smoothquant and job.method in ("gptq", "quip"):
         raise QuantError(f"--smoothquant with --optimizer {job.method}: the calibration Hessian describes the "
                          "unsmoothed inputs; use one of the two")

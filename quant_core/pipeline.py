@@ -116,15 +116,17 @@ def _calibration(reader: SafetensorsReader, plan: Plan, job: Job) -> LayerCalibr
     source = None
     if job.uses_statistics():
         source = build_source(job.calibration)
-        source.bind(_layer_widths(reader, plan))
+        source.bind(_layer_widths(reader), {d.layer for d in plan.of(QUANTIZE)})
     biased = {d.layer for d in plan.of(QUANTIZE) if f"{d.layer}.bias" in plan.decisions}
     # SmoothQuant divides the inputs by s: the file's E[x] no longer describes them, so no bias correction then
     return LayerCalibration(source, job.calibration.bias_correction and not job.smoothquant.smoothquant, biased)
 
 
-def _layer_widths(reader: SafetensorsReader, plan: Plan) -> dict[str, int]:
-    """Input width K of every layer to quantize (what a calibration file's layers are matched against)."""
-    return {d.layer: reader.info(d.key).shape[-1] for d in plan.of(QUANTIZE)}
+def _layer_widths(reader: SafetensorsReader) -> dict[str, int]:
+    """Input width K of every 2-D weight of the model, quantized or not (what a calibration file's layers are
+    matched against: a capture records every Linear layer)."""
+    return {i.name[: -len(".weight")]: i.shape[1] for i in reader.infos()
+            if i.name.endswith(".weight") and len(i.shape) == 2}
 
 
 def _biases_after_weights(keys: list[str], calibration: LayerCalibration) -> list[str]:
@@ -158,7 +160,7 @@ def _calibration_extras(reader: SafetensorsReader, plan: Plan, job: Job, merger)
     if path is None or not (job.smoothquant.smoothquant or job.calibration.static_activations):
         return extras
     from .calib.ranges import read_calibration
-    stats = read_calibration(path, _layer_widths(reader, plan))
+    stats = read_calibration(path, _layer_widths(reader), {d.layer for d in plan.of(QUANTIZE)})
     layers = [d.layer for d in plan.of(QUANTIZE)]
     if job.smoothquant.smoothquant:
         from .transform.smoothquant import build_smoothing

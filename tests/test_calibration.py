@@ -4,7 +4,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from quant_core.calib import (InputStats, StatsAccumulator, load_calibration, lora_stats, record_activation_stats,
+from quant_core.calib import (InputStats, StatsAccumulator, load_calibration, record_activation_stats,
                               save_calibration, synthetic_stats)
 from quant_core.calib.file import CalibrationFile
 from quant_core.errors import QuantError
@@ -111,15 +111,9 @@ def test_layer_width_is_checked_against_the_model(tmp_path):
         CalibrationFile(path).get("l", k=8)
 
 
-def test_synthetic_and_lora_statistics():
+def test_synthetic_statistics():
     syn = synthetic_stats(6)
     assert torch.equal(syn.hessian, torch.eye(6)) and torch.equal(syn.mean, torch.zeros(6))
-    down = torch.zeros(2, 6)
-    down[0, 1] = down[1, 4] = 1.0
-    lora = lora_stats(down)
-    assert float(torch.trace(lora.hessian)) == pytest.approx(6.0)  # same energy as N(0, I)
-    assert float(lora.hessian[1, 1]) == pytest.approx(0.5 + 0.5 * 6 / 2)  # the LoRA directions carry the rest
-    assert float(lora.hessian[0, 0]) == pytest.approx(0.5)
 
 
 def test_calibrate_subcommand_synthetic(cli, make_file, tmp_path):

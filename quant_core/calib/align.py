@@ -50,9 +50,11 @@ def best_rewrite(calib: list[str], model: list[str]) -> tuple[str, str]:
     return max(votes, key=lambda pair: (votes[pair], -len(pair[0]) - len(pair[1])))
 
 
-def align_layers(calib: dict[str, int | None], model: dict[str, int], where: str) -> dict[str, str]:
-    """model layer → calibration layer, for calibration widths `calib` and model widths `model` (layer → K).
-    Raises QuantError (one line, naming layers) when the file describes a different model."""
+def align_layers(calib: dict[str, int | None], model: dict[str, int], where: str,
+                 needed: set[str] | None = None) -> dict[str, str]:
+    """model layer → calibration layer, for calibration widths `calib` and model widths `model` (layer → K, every
+    layer of the model, quantized or not: a capture records them all). `needed`: the layers that want statistics
+    (default: all). Raises QuantError (one line, naming layers) when the file describes a different model."""
     if not calib or not model:
         return {}
     strip, add = best_rewrite(list(calib), list(model))
@@ -70,7 +72,7 @@ def align_layers(calib: dict[str, int | None], model: dict[str, int], where: str
     if wrong:
         raise QuantError(f"{where}: {len(wrong)} layers have another input width than in this model: "
                          f"{', '.join(wrong[:SHOW])}{' …' if len(wrong) > SHOW else ''}: statistics from another model")
-    missing = [m for m in model if m not in mapping]
+    missing = [m for m in (model if needed is None else needed) if m in model and m not in mapping]
     extra = [c for c in calib if c not in set(mapping.values())]
     if missing and extra:
         raise QuantError(f"{where}: statistics from another model (or another version of it): {len(missing)} layers "

@@ -55,7 +55,8 @@ def _checked(path: str, layer: str, name: str, value, vector: bool) -> torch.Ten
     return value if vector else value.reshape(())
 
 
-def read_calibration(path: str, model_layers: dict[str, int] | None = None) -> CalibrationStats:
+def read_calibration(path: str, model_layers: dict[str, int] | None = None,
+                     needed: set[str] | None = None) -> CalibrationStats:
     """Read the activation ranges of every layer, named as in the model when `model_layers` (layer → K) is given
     (the file's names aligned with them, calib.align). Raises QuantError (one line) for a bad file."""
     reader = CalibrationFile(path)
@@ -64,7 +65,7 @@ def read_calibration(path: str, model_layers: dict[str, int] | None = None) -> C
             names = {layer: layer for layer in reader.layers}
         else:
             from .align import align_layers
-            names = align_layers(reader.widths(), model_layers, f"--calibration-data {path}")
+            names = align_layers(reader.widths(), model_layers, f"--calibration-data {path}", needed)
         return CalibrationStats(path, {model: reader.get(layer, only=("input_scale",))
                                        for model, layer in names.items()})
     finally:
