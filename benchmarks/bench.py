@@ -297,7 +297,7 @@ def plan_runs(source: str, workdir: str, ctq: str | None, formats: list[str], me
                                                                               out(f"ctq_{fmt}_lm")], out(f"ctq_{fmt}_lm")))
         for method in methods:
             if method != "rtn":
-                label = f"{method} (synthetic H)" if method in ("gptq", "quip") else f"learned {method}"
+                label = f"{method} (no statistics: RTN)" if method in ("gptq", "quip") else f"learned {method}"
                 runs.append(Run("quant_core", fmt, label, "warm",
                                 [*ours, "--optimizer", method, "--format", fmt, "-o", out(f"ours_{fmt}_{method}")],
                                 out(f"ours_{fmt}_{method}")))
@@ -313,7 +313,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ctq", default=shutil.which("ctq"), help="the ctq command (default: from PATH; 'none' skips)")
     parser.add_argument("--workdir", help="where the files go (default: a temporary directory, removed after)")
     parser.add_argument("--formats", default="int8", help="comma list of int8, fp8")
-    parser.add_argument("--methods", default="rtn", help="comma list of rtn, gptq, quip (synthetic Hessian) and the "
+    parser.add_argument("--methods", default="rtn", help="comma list of rtn, gptq, quip (without a calibration file these write round-to-nearest) and the "
                         "learned-rounding optimizers original, adamw, radam (slow on a full model)")
     parser.add_argument("--no-low-memory", action="store_true", help="skip the --low-memory run")
     parser.add_argument("--ctq-low-memory", action="store_true", help="also run ctq --low_memory")

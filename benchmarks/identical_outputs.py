@@ -250,8 +250,8 @@ def cases_for(model: str, full: bool = False) -> list[tuple[str, list[str]]]:
             ("fp8/flux2-gptq", FMT["fp8"] + ["--flux2", "--optimizer", "gptq"] + CAL),
             ("int8-row/distillation_large", FMT["int8-row"] + ["--distillation_large"]),
             ("int8-row/merge-loras", FMT["int8-row"] + ["--merge-loras", "{LORA}", "{LORA2}"]),
-            ("int8-row/calibration-lora-gptq", FMT["int8-row"] + ["--optimizer", "gptq", "--calibration-lora",
-                                                                   "{LORA}"]),
+            ("refused/calibration-lora-gptq", FMT["int8-row"] + ["--optimizer", "gptq", "--calibration-lora",
+                                                                  "{LORA}"]),  # not recorded inputs
             ("nvfp4/merge-lora-quip", FMT["nvfp4"] + ["--merge-lora", "{LORA}", "--optimizer", "quip"] + CAL),
             ("refused/layer-config-bad", FMT["int8-row"] + ["--layer-config", "{IN}"]),  # not JSON
         ]
