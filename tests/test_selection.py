@@ -212,7 +212,7 @@ def test_layer_config_seed_form_is_accepted():
     ({"rules": [{"match": "a", "formatt": "fp8"}]}, r"rule 0 \('a'\): unknown key 'formatt'|rule 0: unknown key"),
     ({"rules": [{"format": "fp8"}]}, "rule 0: needs a 'match'"),
     ({"rules": [{"match": "(", "format": "fp8"}]}, "rule 0: bad regex"),
-    ({"rules": [{"match": "a", "format": "int4"}]}, r"rule 0 \('a'\): unknown format 'int4'"),
+    ({"rules": [{"match": "a", "format": "int3"}]}, r"rule 0 \('a'\): unknown format 'int3'"),
     ({"rules": [{"match": "a"}, {"match": "b", "format": "nvfp4", "scaling": "row"}]}, r"rule 1 \('b'\): nvfp4 has fixed"),
     ({"rules": [{"match": "a", "block_size": -1, "format": "int8"}]}, "'block_size' must be a positive integer"),
     ({"rules": [{"match": "a", "skip": "yes"}]}, "'skip' must be true or false"),
