@@ -41,7 +41,8 @@ IO_LAYERS = {"img_in": (HIDDEN, 64), "txt_in": (HIDDEN, 4096), "time_in.in_layer
              "guidance_in.out_layer": (HIDDEN, HIDDEN), "final_layer.linear": (64, HIDDEN),
              "final_layer.adaLN_modulation.1": (2 * HIDDEN, HIDDEN)}
 FLUX_DEV_BLOCKS = (19, 38)
-FORMATS = ("int8", "fp8")  # those both tools write (ctq: --int8 --scaling_mode row; fp8 per tensor)
+FORMATS = ("int8", "fp8", "int4")  # int8/fp8: both tools write them (ctq: --int8 --scaling_mode row; fp8 per
+# tensor); int4 (convrot_w4a4): only this tool
 METHOD_FLAGS = ("rtn", "gptq", "quip", "original", "adamw", "radam")
 
 
@@ -118,7 +119,7 @@ def dd_seconds(argv: list[str]) -> float:
     return time.perf_counter() - start
 
 
-WEIGHT_BYTES_PER_ELEMENT = {"int8": 1.0, "fp8": 1.0, "mxfp8": 1 + 1 / 32, "nvfp4": 0.5 + 1 / 16}
+WEIGHT_BYTES_PER_ELEMENT = {"int8": 1.0, "fp8": 1.0, "int4": 0.5, "mxfp8": 1 + 1 / 32, "nvfp4": 0.5 + 1 / 16}
 
 
 def expected_output_bytes(shapes: dict[str, tuple[int, int]], fmt: str) -> int:
@@ -282,7 +283,7 @@ def plan_runs(source: str, workdir: str, ctq: str | None, formats: list[str], me
         return os.path.join(workdir, f"{name}.safetensors")
     for fmt in formats:
         ctq_fmt = ["--int8", "--scaling_mode", "row"] if fmt == "int8" else ["--scaling_mode", "tensor"]
-        ctq_base = [ctq, "-i", source, "--comfy_quant", "--simple", *ctq_fmt] if ctq else None
+        ctq_base = [ctq, "-i", source, "--comfy_quant", "--simple", *ctq_fmt] if ctq and fmt != "int4" else None
         for cache in ("cold", "warm"):
             runs.append(Run("quant_core", fmt, "rtn", cache, [*ours, "--simple", "--format", fmt, "-o", out(f"ours_{fmt}")],
                             out(f"ours_{fmt}")))
@@ -312,7 +313,7 @@ def main(argv: list[str] | None = None) -> int:
     size.add_argument("--size-gb", type=float, help="blocks added 1:2 until the checkpoint reaches this size")
     parser.add_argument("--ctq", default=shutil.which("ctq"), help="the ctq command (default: from PATH; 'none' skips)")
     parser.add_argument("--workdir", help="where the files go (default: a temporary directory, removed after)")
-    parser.add_argument("--formats", default="int8", help="comma list of int8, fp8")
+    parser.add_argument("--formats", default="int8", help="comma list of int8, fp8, int4 (ctq has no int4)")
     parser.add_argument("--methods", default="rtn", help="comma list of rtn, gptq, quip (without a calibration file these write round-to-nearest) and the "
                         "learned-rounding optimizers original, adamw, radam (slow on a full model)")
     parser.add_argument("--no-low-memory", action="store_true", help="skip the --low-memory run")
