@@ -208,10 +208,11 @@ class SaveCalibration(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, filename, mode, role, heldout_every, **_):
-        try:
-            _target(filename)
-            _check_choices(mode, role, heldout_every)
+    def validate_inputs(cls, filename=None, mode="accumulate", role="auto", heldout_every=0, **_):
+        try:  # a linked (not yet known) value is checked in execute
+            if isinstance(filename, str):
+                _target(filename)
+            _check_choices(mode, role, heldout_every if isinstance(heldout_every, int) else 0)
         except (QuantError, ValueError) as e:
             return str(e)
         return True
