@@ -11,7 +11,7 @@ import quant_core
 from quant_core.calib import load_calibration
 from quant_core.calib.capture import GIB, linear_widths, new_session, plan_capture, save_capture
 from quant_core.calib.file import CalibrationFile
-from quant_core.calib.stats import StatsAccumulator
+from quant_core.calib.stats import SAMPLE_ROWS, StatsAccumulator
 
 
 class Net(torch.nn.Module):
@@ -92,13 +92,13 @@ def test_every_nth_run_is_held_out_whole(tmp_path):
 
 def test_budget_gives_full_hessians_to_the_narrowest_layers_and_diagonals_to_the_rest(tmp_path):
     widths = {"wide": 4096, "narrow": 64, "mid": 1024}
-    diag = sum(StatsAccumulator.nbytes(k, False) for k in widths.values())
+    diag = sum(StatsAccumulator.nbytes(k, False, sample_rows=SAMPLE_ROWS) for k in widths.values())
     plan = plan_capture(widths, diag + 4 * 64 * 64 + 4 * 1024 * 1024)
     assert plan.full == {"narrow", "mid"} and "1 diagonal only" in plan.describe()
     with pytest.raises(quant_core.QuantError, match="cannot hold even the diagonal"):
         plan_capture(widths, diag - 1)
     net = Net()
-    diag = sum(StatsAccumulator.nbytes(k, False) for k in linear_widths(net).values())
+    diag = sum(StatsAccumulator.nbytes(k, False, sample_rows=SAMPLE_ROWS) for k in linear_widths(net).values())
     session = new_session("Net", "test", linear_widths(net), budget_gb=(diag + 4 * 24 * 24) / GIB)
     path = str(tmp_path / "cap.safetensors")
     save_capture(path, capture_run(session, net, 0, batches(0)))
@@ -202,7 +202,7 @@ def test_layers_fed_one_vector_per_sample_give_their_hessian_budget_to_others(tm
             return self.down(torch.relu(self.up(x * self.mod(x.mean(dim=1)).unsqueeze(1))))
     net = Modulated()
     widths = linear_widths(net)
-    diag = sum(StatsAccumulator.nbytes(k, False) for k in widths.values())
+    diag = sum(StatsAccumulator.nbytes(k, False, sample_rows=SAMPLE_ROWS) for k in widths.values())
     session = new_session("Mod", "test", widths, budget_gb=(diag + 2 * 4 * 24 * 24) / GIB)
     assert session.plan.full == {"mod", "up"}  # the planner cannot know yet: narrowest first
     session.start(0)

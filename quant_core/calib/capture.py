@@ -6,8 +6,9 @@ The engine side knows nothing of ComfyUI: `CaptureSession` holds the running sta
 attaches forward hooks to any torch module; `save_capture` merges one run into a file. The nodes (nodes/capture.py)
 decide when a run starts, which module runs, and where the file goes.
 
-Memory. A layer with K input features costs 20·K bytes for its diagonal statistics (max, sum, sum of squares) and
-4·K² more for a full Hessian (fp32 sum). `plan_capture` gives every layer its diagonal, then full Hessians to the
+Memory. A layer with K input features costs 20·K bytes for its diagonal statistics (max, sum, sum of squares), about
+512·K for its sample of 256 input rows (bf16, for the run-time quality figures), and 4·K² more for a full Hessian
+(fp32 sum). `plan_capture` gives every layer its diagonal, then full Hessians to the
 narrowest layers first until the budget is spent (the most layers with a full Hessian per byte). The accumulators
 are allocated up front on the device the model runs on (`CaptureSession.allocate`), before the model is loaded,
 so ComfyUI's memory manager sees them and offloads weights instead of running out of memory. Each model call also
@@ -27,7 +28,7 @@ import torch
 
 from ..errors import QuantError
 from .file import CalibrationFile, write_calibration_stream
-from .stats import MAX_HESSIAN_K, InputStats, StatsAccumulator, combine, merge_heldout
+from .stats import MAX_HESSIAN_K, SAMPLE_ROWS, InputStats, StatsAccumulator, combine, layer_seed, merge_heldout
 
 GIB = 1 << 30
 DEFAULT_BUDGET_GB = 4.0  # leaves a 24 GB GPU room to sample a 12 GB (FP8) Flux-dev; see docs/CALIBRATION.md
@@ -65,6 +66,7 @@ class CapturePlan:
     all_full_bytes: int  # what full Hessians for every layer would take
     order: list = field(default_factory=list)  # the order full Hessians are given in (narrowest first)
     few_rows: set = field(default_factory=set)  # layers seen with fewer than FEW_ROWS rows per call
+    sample_rows: int = SAMPLE_ROWS  # input rows each layer keeps (part of its diagonal share)
 
     def demote(self, layer: str, ran=lambda name: False) -> list[str]:
         """`layer` turned out to see a few rows per call (a per-sample vector: its Hessian would have a rank of a few
@@ -99,11 +101,13 @@ class CapturePlan:
         return line
 
 
-def plan_capture(widths: dict[str, int], budget_bytes: int, hessian: bool = True) -> CapturePlan:
-    """Diagonals for every layer, then full Hessians narrowest layer first while they fit in `budget_bytes`."""
+def plan_capture(widths: dict[str, int], budget_bytes: int, hessian: bool = True,
+                 sample_rows: int = SAMPLE_ROWS) -> CapturePlan:
+    """Diagonals (with a sample of `sample_rows` input rows) for every layer, then full Hessians narrowest layer
+    first while they fit in `budget_bytes`."""
     if not widths:
         raise QuantError("capture: the model has no Linear layers to record")
-    diagonal = sum(StatsAccumulator.nbytes(k, False) for k in widths.values())
+    diagonal = sum(StatsAccumulator.nbytes(k, False, sample_rows=sample_rows) for k in widths.values())
     all_full = diagonal + sum(4 * k * k for k in widths.values() if k <= MAX_HESSIAN_K)
     if diagonal > budget_bytes:
         raise QuantError(f"capture: a budget of {budget_bytes / GIB:.3g} GiB cannot hold even the diagonal statistics "
@@ -118,7 +122,7 @@ def plan_capture(widths: dict[str, int], budget_bytes: int, hessian: bool = True
             break
         full.add(name)
         used += cost
-    return CapturePlan(dict(widths), full, int(budget_bytes), used, all_full, order)
+    return CapturePlan(dict(widths), full, int(budget_bytes), used, all_full, order, sample_rows=sample_rows)
 
 
 @dataclass
@@ -216,7 +220,8 @@ class CaptureSession:
 
     def _accumulator(self, name: str, device) -> StatsAccumulator:
         return StatsAccumulator(self.plan.widths[name], name in self.plan.full, device=device,
-                                gram_dtype=torch.float32, buffered=False, max_gram_tokens=self.max_tokens)
+                                gram_dtype=torch.float32, buffered=False, max_gram_tokens=self.max_tokens,
+                                sample_rows=self.plan.sample_rows, seed=layer_seed(0, name))
 
     def _demote(self, name: str) -> None:
         """A layer with a few rows per call gives its Hessian's memory to layers that have not run yet."""
@@ -396,14 +401,30 @@ def _layout(existing: CalibrationFile | None, layer: str, run: CapturedRun, to_h
     fit_keys = {s for s in old if not s.startswith("heldout_")}
     held_keys = {s for s in old if s.startswith("heldout_")}
     base = {"input_absmax", "n_tokens", "input_mean_sq", "input_mean", "input_scale"}
+    shapes = {"n_tokens": (), "heldout_n_tokens": (), "input_scale": (), "hessian": (k, k), "heldout_hessian": (k, k)}
+    for sample in ("input_sample", "heldout_input_sample"):
+        if sample in old:
+            shapes[sample] = (existing.sample_rows(layer, sample), k)
     if not to_heldout and new_seen:
         full = new_full and (not fit_keys or "hessian" in fit_keys)
-        fit_keys = base | ({"hessian"} if full else set())
+        fit_keys = base | ({"hessian"} if full else set()) | _sample_key(run, layer, fit_keys, "input_sample", shapes)
     if to_heldout and new_seen:
         full = new_full and (not held_keys or "heldout_hessian" in held_keys)
-        held_keys = {"heldout_mean_sq", "heldout_mean", "heldout_n_tokens"} | ({"heldout_hessian"} if full else set())
-    shapes = {"n_tokens": (), "heldout_n_tokens": (), "input_scale": (), "hessian": (k, k), "heldout_hessian": (k, k)}
+        held_keys = {"heldout_mean_sq", "heldout_mean", "heldout_n_tokens"} | ({"heldout_hessian"} if full else set()) \
+            | _sample_key(run, layer, held_keys, "heldout_input_sample", shapes)
     return {s: shapes.get(s, (k,)) for s in sorted(fit_keys | held_keys)}
+
+
+def _sample_key(run: CapturedRun, layer: str, old_keys: set, key: str, shapes: dict) -> set:
+    """The merged part's input-sample key, its shape set in `shapes` (stats.merge_samples: min(rows, old + new)); none
+    when either side lacks a sample (a merged sample must describe all rows)."""
+    acc = run.accumulators[layer]
+    if acc.sample is None or (old_keys and key not in old_keys):
+        return set()
+    new_rows = min(acc.n, acc.sample.shape[0])
+    old_rows = shapes[key][0] if key in shapes else 0
+    shapes[key] = (min(SAMPLE_ROWS, old_rows + new_rows) if old_rows else new_rows, run.plan.widths[layer])
+    return {key}
 
 
 def _check_layout(layer: str, stats: InputStats, keys: dict) -> None:

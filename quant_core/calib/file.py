@@ -2,7 +2,9 @@
 
 Besides the keys of §4 this project writes two optional ones (README "Calibration file"): `<layer>.input_mean`
 (fp32 [K], E[x], for bias correction), `<layer>.heldout_hessian` (fp32 [K,K], E[x xᵀ] over tokens the methods do
-not see) and `<layer>.heldout_mean` (fp32 [K]), for the report's held-out output SQNR. Readers that do not know them ignore them.
+not see) and `<layer>.heldout_mean` (fp32 [K]), for the report's held-out output SQNR, and `<layer>.input_sample` /
+`<layer>.heldout_input_sample` (bf16 [S, K], a uniform sample of the rows) for the run-time (activation-quantized)
+figures. Readers that do not know them ignore them.
 """
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ from ..errors import QuantError
 from ..io.dtypes import tag_of
 from ..io.reader import SafetensorsReader, require_regular
 from ..io.writer import StreamingWriter, header_reserve
-from .stats import InputStats
+from .stats import MAX_SAMPLE_ROWS, SAMPLE_DTYPE, InputStats
 
 FORMAT_NAME = "quant_calibration"
 VERSION = "1"
@@ -23,8 +25,10 @@ SUFFIXES = {  # statistic suffix → InputStats field
     "input_absmax": "absmax", "input_mean_sq": "mean_sq", "hessian": "hessian", "input_mean": "mean",
     "heldout_hessian": "heldout_hessian", "heldout_mean": "heldout_mean", "input_scale": "input_scale", "n_tokens": "n_tokens",
     "heldout_mean_sq": "heldout_mean_sq", "heldout_n_tokens": "heldout_n_tokens",
+    "input_sample": "input_sample", "heldout_input_sample": "heldout_input_sample",
 }
 COUNTS = ("n_tokens", "heldout_n_tokens")  # integer statistics (I64 scalars)
+SAMPLES = ("input_sample", "heldout_input_sample")  # rows [S, K], stored as BF16 (all other statistics: F32)
 INPUT_KINDS = ("recorded", "captured", "synthetic")  # __metadata__ "inputs": what the statistics describe
 REQUIRED = ("input_absmax", "n_tokens")
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)  # statistics; FP8 cannot hold them
@@ -58,7 +62,7 @@ def write_calibration_stream(path: str, layout: dict[str, dict[str, tuple[int, .
     meta = {"format": FORMAT_NAME, "version": VERSION, "source": source, "inputs": "recorded", **(metadata or {})}
     if meta["inputs"] not in INPUT_KINDS:
         raise ValueError(f"inputs must be one of {INPUT_KINDS}")
-    entries = [(f"{layer}.{suffix}", "I64" if suffix in COUNTS else "F32", shape)
+    entries = [(f"{layer}.{suffix}", _tag(suffix), shape)
                for layer, keys in layout.items() for suffix, shape in keys.items()]
     with StreamingWriter(path, header_reserve(entries, meta), overwrite=overwrite) as writer:
         for layer, keys in layout.items():
@@ -67,10 +71,16 @@ def write_calibration_stream(path: str, layout: dict[str, dict[str, tuple[int, .
                 value = getattr(s, SUFFIXES[suffix])
                 if suffix in COUNTS:
                     writer.add(f"{layer}.{suffix}", torch.tensor(int(value), dtype=torch.int64))
+                elif suffix in SAMPLES:
+                    writer.add(f"{layer}.{suffix}", value.detach().to(SAMPLE_DTYPE).cpu().clone())
                 else:  # own storage: layers may share tensors
                     writer.add(f"{layer}.{suffix}", value.detach().float().cpu().clone())
         writer.finish(meta)
         writer.publish()
+
+
+def _tag(suffix: str) -> str:
+    return "I64" if suffix in COUNTS else "BF16" if suffix in SAMPLES else "F32"
 
 
 class CalibrationFile:
@@ -126,6 +136,14 @@ class CalibrationFile:
         input_absmax is not a vector (the layer's read then says what is wrong)."""
         shapes = {layer: self._file.info(f"{layer}.input_absmax").shape for layer in self.layers}
         return {layer: shape[0] if len(shape) == 1 else None for layer, shape in shapes.items()}
+
+    def sample_rows(self, layer: str, suffix: str = "input_sample") -> int:
+        """The number of rows of a layer's input sample (`suffix`: or heldout_input_sample), from the header; 0 if
+        it has none."""
+        if suffix not in self.layers.get(layer, ()):
+            return 0
+        shape = self._file.info(f"{layer}.{suffix}").shape
+        return shape[0] if len(shape) == 2 else 0
 
     def _index(self, keys) -> dict[str, set[str]]:
         layers: dict[str, set[str]] = {}
@@ -183,6 +201,9 @@ def _build(values: dict, layer: str, k: int | None, path: str) -> InputStats:
                 "heldout_mean": (k,), "heldout_mean_sq": (k,)}
     for field, value in values.items():
         want = expected.get(field)
+        if field in SAMPLES and (value.dim() != 2 or value.shape[1] != k or not 0 < value.shape[0] <= MAX_SAMPLE_ROWS):
+            raise QuantError(f"{where}: {field} has shape {list(value.shape)}, expected [S, {k}] (S rows of the "
+                             f"layer's K={k} inputs, 1 ≤ S ≤ {MAX_SAMPLE_ROWS})")
         if field == "input_scale" and value.numel() != 1 or want is not None and tuple(value.shape) != want:
             raise QuantError(f"{where}: {field} has shape {list(value.shape)}, expected "
                              f"{list(want or ())} (K={k} input features of the layer)")

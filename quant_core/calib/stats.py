@@ -3,15 +3,21 @@
 A Linear layer y = x·Wᵀ + b sees inputs x ∈ R^K. What the methods need of those inputs:
 the second moment H = E[x xᵀ] (GPTQ/QuIP Hessian, up to a factor 2), its diagonal E[x_k²] when H is too large to
 keep, the mean E[x] (bias correction) and max |x_k| (activation scales). Optionally a second H over held-out tokens,
-so the report can say how a method does on inputs it did not see.
+so the report can say how a method does on inputs it did not see. And a small uniform sample of the input rows
+themselves (`input_sample`), for what second moments cannot tell: the error of quantizing the activations at run time
+(quant_core/quantization/runtime.py).
 """
 from __future__ import annotations
 
+import zlib
 from dataclasses import dataclass
 
 import torch
 
 MAX_HESSIAN_K = 16384  # above this many input features only the diagonal is kept (a [K,K] fp32 H is 1 GiB at 16384)
+SAMPLE_ROWS = 256  # input rows kept per layer (a uniform sample of all rows seen): runtime.py's activation error
+MAX_SAMPLE_ROWS = 4096  # the most rows a calibration file's input_sample may hold
+SAMPLE_DTYPE = torch.bfloat16  # ComfyUI's compute dtype: what its kernels quantize; fp16 would overflow on Flux
 
 
 @dataclass
@@ -28,6 +34,8 @@ class InputStats:
     input_scale: torch.Tensor | None = None  # [] static activation scale, if the producer wrote one
     heldout_mean_sq: torch.Tensor | None = None  # [K]  E[x_k²] over held-out tokens
     heldout_n_tokens: int | None = None  # rows of the held-out part (None: not recorded)
+    input_sample: torch.Tensor | None = None  # [S, K] bf16, a uniform sample of the rows (S ≤ MAX_SAMPLE_ROWS)
+    heldout_input_sample: torch.Tensor | None = None  # [S, K] bf16, the same over the held-out rows
 
     @property
     def k(self) -> int:
@@ -51,7 +59,7 @@ class InputStats:
     def fit_part(self) -> "InputStats":
         """The fitting statistics alone."""
         return InputStats(self.absmax, self.mean_sq, self.n_tokens, self.hessian, self.mean,
-                          input_scale=self.input_scale)
+                          input_scale=self.input_scale, input_sample=self.input_sample)
 
     def heldout_part(self) -> "InputStats | None":
         """The held-out statistics as fitting statistics of their own (absmax is not kept for them), or None."""
@@ -61,7 +69,7 @@ class InputStats:
         if mean_sq is None:
             mean_sq = torch.diagonal(self.heldout_hessian).clone()
         return InputStats(torch.zeros_like(mean_sq), mean_sq, self.heldout_n_tokens or 0, self.heldout_hessian,
-                          self.heldout_mean)
+                          self.heldout_mean, input_sample=self.heldout_input_sample)
 
 
 class StatsAccumulator:
@@ -73,7 +81,7 @@ class StatsAccumulator:
     FLUSH_TOKENS = 4096
 
     def __init__(self, k: int, hessian: bool = True, device=None, gram_dtype: torch.dtype | None = None,
-                 buffered: bool = True, max_gram_tokens: int = 0):
+                 buffered: bool = True, max_gram_tokens: int = 0, sample_rows: int = 0, seed: int = 0):
         self.k = k
         self.n = 0
         self.n_gram = 0
@@ -86,11 +94,16 @@ class StatsAccumulator:
         self.max_gram_tokens = max_gram_tokens  # > 0: the Gram sum takes an evenly strided subset of each batch
         self._buffer: list[torch.Tensor] = []
         self._buffered = 0
+        self.sample = None  # the reservoir: [S, K] rows with the S smallest random keys drawn so far (bottom-k)
+        if sample_rows:
+            self.sample = torch.zeros(sample_rows, k, dtype=SAMPLE_DTYPE, device=device)
+            self.sample_keys = torch.full((sample_rows,), 2.0, device=device)  # 2 > any key: an empty slot
+            self._generator = torch.Generator(device=self.sum.device).manual_seed(seed)
 
     @staticmethod
-    def nbytes(k: int, hessian: bool, gram_dtype: torch.dtype = torch.float32) -> int:
-        """Device memory of an unbuffered accumulator for K input features."""
-        vectors = k * (4 + 8 + 8)
+    def nbytes(k: int, hessian: bool, gram_dtype: torch.dtype = torch.float32, sample_rows: int = 0) -> int:
+        """Device memory of an unbuffered accumulator for K input features (with a reservoir of `sample_rows`)."""
+        vectors = k * (4 + 8 + 8) + sample_rows * (k * torch.finfo(SAMPLE_DTYPE).bits // 8 + 4)
         return vectors + (k * k * torch.finfo(gram_dtype).bits // 8 if hessian else 0)
 
     def add(self, x: torch.Tensor) -> None:
@@ -136,14 +149,59 @@ class StatsAccumulator:
                 else:
                     self.gram += (chunk.T @ chunk).to(self.gram.dtype)
             self.n_gram += g.shape[0]
+        if self.sample is not None:
+            self._sample(x)
         self.n += x.shape[0]
+
+    def _sample(self, x: torch.Tensor) -> None:
+        """Reservoir by random keys: every row gets a uniform key, the S rows with the smallest keys are kept — a
+        uniform sample of all rows so far, whatever the batch sizes. Device operations only (no host sync); the
+        transient memory is 2·S rows."""
+        keys = torch.rand(x.shape[0], generator=self._generator, device=x.device)
+        take = min(x.shape[0], self.sample.shape[0])
+        keys, rows = torch.topk(keys, take, largest=False)
+        all_keys = torch.cat([self.sample_keys, keys])
+        all_rows = torch.cat([self.sample, x.index_select(0, rows).to(SAMPLE_DTYPE)])
+        self.sample_keys, kept = torch.topk(all_keys, self.sample.shape[0], largest=False)
+        self.sample = all_rows.index_select(0, kept)
 
     def result(self) -> InputStats:
         self._flush()
         n = max(self.n, 1)
         hessian = None if self.gram is None else (self.gram / max(self.n_gram, 1)).float().cpu()
+        sample = None if self.sample is None or not self.n else self.sample[:min(self.n, self.sample.shape[0])].cpu()
         return InputStats(self.absmax.cpu(), (self.sum_sq / n).float().cpu(), self.n, hessian,
-                          (self.sum / n).float().cpu())
+                          (self.sum / n).float().cpu(), input_sample=sample)
+
+
+def layer_seed(seed: int, layer: str, heldout: bool = False) -> int:
+    """A reservoir's seed: the run's seed mixed with the layer name (each layer draws its own rows)."""
+    return (seed * 1_000_003 + zlib.crc32(f"{layer}{'/heldout' if heldout else ''}".encode())) % (1 << 62)
+
+
+def merge_samples(a: torch.Tensor | None, n_a: int, b: torch.Tensor | None, n_b: int,
+                  rows: int = SAMPLE_ROWS) -> torch.Tensor | None:
+    """A uniform sample of min(rows, |a| + |b|) rows of the union of two row sets, given a uniform sample of each
+    (`a` of n_a rows, `b` of n_b): how many come from each side is drawn as without replacement from n_a + n_b rows
+    (hypergeometric), then that many rows of each sample. None when either side has rows but no sample (the merged
+    sample must describe all rows). Seeded by the counts: the same merge gives the same rows."""
+    if not n_b:
+        return a
+    if not n_a:
+        return b
+    if a is None or b is None:
+        return None
+    total = min(rows, a.shape[0] + b.shape[0])
+    g = torch.Generator().manual_seed(n_a * 1_000_003 + n_b)
+    from_a, left_a, left = 0, n_a, n_a + n_b
+    for u in torch.rand(total, generator=g, dtype=torch.float64).tolist():
+        if u * left < left_a:
+            from_a, left_a = from_a + 1, left_a - 1
+        left -= 1
+    from_a = max(min(from_a, a.shape[0]), total - b.shape[0])
+    pick_a = torch.randperm(a.shape[0], generator=g)[:from_a]
+    pick_b = torch.randperm(b.shape[0], generator=g)[:total - from_a]
+    return torch.cat([a[pick_a], b[pick_b]])
 
 
 def merge_heldout(fit: InputStats, heldout: InputStats | None) -> InputStats:
@@ -155,12 +213,14 @@ def merge_heldout(fit: InputStats, heldout: InputStats | None) -> InputStats:
     fit.heldout_mean_sq = heldout.mean_sq
     fit.heldout_mean = heldout.mean
     fit.heldout_n_tokens = heldout.n_tokens
+    fit.heldout_input_sample = heldout.input_sample
     return fit
 
 
 def combine(a: InputStats | None, b: InputStats | None) -> InputStats | None:
-    """The statistics of the union of two sets of rows (each weighted by its row count). A Hessian survives only
-    where both sides have one (the merged one must describe all rows); absmax is the larger of the two."""
+    """The statistics of the union of two sets of rows (each weighted by its row count). A Hessian (and an input
+    sample) survives only where both sides have one (the merged one must describe all rows); absmax is the larger of
+    the two."""
     if a is None or not a.n_tokens:
         return b
     if b is None or not b.n_tokens:
@@ -171,4 +231,5 @@ def combine(a: InputStats | None, b: InputStats | None) -> InputStats | None:
     def mix(x, y):
         return None if x is None or y is None else x.float() * wa + y.float() * wb
     return InputStats(torch.maximum(a.absmax.float(), b.absmax.float()), mix(a.mean_sq, b.mean_sq), n,
-                      mix(a.hessian, b.hessian), mix(a.mean, b.mean))
+                      mix(a.hessian, b.hessian), mix(a.mean, b.mean),
+                      input_sample=merge_samples(a.input_sample, a.n_tokens, b.input_sample, b.n_tokens))

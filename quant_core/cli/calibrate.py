@@ -106,7 +106,8 @@ def calibrate_synthetic(path: str, samples: int, seed: int, hessian: bool, heldo
         for layer in tqdm(layers.values(), desc="calibrate", unit="layer", disable=not progress, dynamic_ncols=True):
             for start in range(0, samples, SYNTHETIC_BATCH):
                 layer(torch.randn(min(SYNTHETIC_BATCH, samples - start), layer.in_features, generator=gen))
-    recorded = record_activation_stats(layers, run, hessian=hessian, heldout_every=heldout_every)
+    recorded = record_activation_stats(layers, run, hessian=hessian, heldout_every=heldout_every,
+                                       sample_rows=0)  # N(0, I) rows: nothing a sample would add
     return {names[k]: v for k, v in recorded.items()}
 
 
