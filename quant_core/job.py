@@ -18,6 +18,7 @@ from .quantization.formats import FAMILIES, FORMAT_ALIASES, FORMAT_FAMILIES, mak
 from .quantization.formats.int4 import LINEAR_DTYPES
 from .quantization.formats.int8 import is_power_of_4
 from .quantization.methods import METHODS
+from .quantization.runtime import AUTO_CLASS, RUNTIME_GPUS, TEXT_ENCODER_PRESETS
 from .select.layer_config import load_layer_config
 from .select.presets import PRESETS
 from .select.rules import compile_regex
@@ -211,6 +212,21 @@ class DeviceSettings:
                                  needs=lambda s: "has no effect with --low-memory" if s["low_memory"] else None)
 
 
+def _runtime_varies(settings: dict) -> str | None:
+    """--runtime-gpu acts only where ComfyUI computes a format differently by GPU class (docs/RUNTIME.md)."""
+    fmt, scaling = settings["format"], _resolved_scaling(settings)
+    encoders = [p for p in settings["presets"] if p in TEXT_ENCODER_PRESETS]
+    if encoders:
+        return (f"has no effect with --{encoders[0]}: ComfyUI computes text encoders with the dequantized weights on "
+                "every GPU class")
+    if settings["layer_config"] or fmt in ("nvfp4", "mxfp8") or fmt in ("fp8", "fp8_e5m2") and scaling == "tensor" \
+            or fmt == "int4" and settings["int4_linear_dtype"] == "int4":
+        return None
+    return ("applies to formats ComfyUI computes differently by GPU class (fp8, nvfp4, mxfp8, int4 with "
+            f"--int4-linear-dtype int4, or rules of --layer-config); --format {fmt} is computed the same way on every "
+            "class")
+
+
 @dataclass
 class OutputSettings:
     """The written file, its checks and the report."""
@@ -219,7 +235,14 @@ class OutputSettings:
                          help="check the written file: cheap (header, markers, scales) or full (also every layer "
                               "against the input through comfy-kitchen)")
     report_quality: bool = option(False, "--report-quality", help="print every layer's MSE and SQNR, worst first")
-    quality_threshold: float = option(30.0, "--quality-threshold", help="SQNR warning threshold (dB)")
+    quality_threshold: float | None = option(
+        None, "--quality-threshold", kind=float,
+        help="SQNR warning threshold (dB) for every layer (default: each format's own level, docs/RUNTIME.md)")
+    runtime_gpu: str = option(
+        "auto", "--runtime-gpu", choices=RUNTIME_GPUS, needs=_runtime_varies,
+        help="the GPU class whose kernels the report's 'as computed' figures emulate (activations quantized as "
+             "ComfyUI does there; docs/RUNTIME.md); auto: per format the most common class that runs it natively ("
+             + ", ".join(f"{f} {c}" for f, c in AUTO_CLASS.items() if not f.startswith("float8_e5")) + ")")
     report_path: str | None = option(None, "--report", kind=str, metavar="FILE.json",
                                      help="write the quality report as JSON")
     overwrite: bool = option(False, "--overwrite", help="replace an existing output file")

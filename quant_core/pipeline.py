@@ -24,6 +24,7 @@ from .quantization.bias import LayerCalibration
 from .quantization.formats.markers import MARKER, MARKER_SUFFIX, QUANT_METADATA_KEY, header_metadata
 from .quantization.layer import LayerRun, pick_device, quantize_layer, streaming_threshold
 from .quantization.methods import METHODS, make_method
+from .quantization.runtime import TEXT_ENCODER_PRESETS
 from .report import LayerStats, QualityReport
 from .select.plan import KEEP, QUANTIZE, REMOVE, Plan, build_plan, require_work
 from .version import __version__
@@ -303,7 +304,9 @@ def _stream(reader: SafetensorsReader, plan: Plan, output_path: str, job: Job, d
     keys = _biases_after_weights([k for k, d in plan.decisions.items() if d.action != REMOVE], calibration)
     ahead = 0 if job.device.low_memory else job.device.prefetch_bytes  # read-ahead and write-behind, bytes
     layer_run = LayerRun(make_method(job.method, job.method_config), device, job.device.no_memory_limits,
-                         reader.path, streaming_threshold(job.device, device), notes)
+                         reader.path, streaming_threshold(job.device, device), notes, job.output.runtime_gpu,
+                         extras.smoothing.input_divisor if extras.smoothing is not None else None,
+                         any(p in TEXT_ENCODER_PRESETS for p in job.select.presets))
     transform = _transform_chain(merger, extras)
     with StreamingWriter(output_path, reserve, overwrite=job.output.overwrite, background_bytes=ahead) as writer:
         notes += [f"removed {path}, left by an interrupted run" for path in writer.stale_removed]

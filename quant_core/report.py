@@ -24,6 +24,15 @@ class LayerStats:
     method_kept: bool | None = None  # the method's codes were written (True) or RTN's (False: not better than
     #                                  RTN on `compared_on`); None: no comparison (RTN itself, or no statistics)
     method_sqnr_db: float | None = None  # the method's own codes on `compared_on`, written or not (dB)
+    threshold_db: float | None = None  # the format's warning level (quantization.runtime.FORMAT_QUALITY)
+    # run time (quantization/runtime.py): output SQNR as ComfyUI computes the layer on `runtime_gpu` — activations
+    # quantized too — and of the dequantized weights alone on the same input rows; None where that GPU class
+    # dequantizes the weights (the same as weights only)
+    runtime_sqnr_db: float | None = None
+    runtime_weights_db: float | None = None
+    runtime_gpu: str = ""  # the GPU class, e.g. "Blackwell (RTX 50, B200)", or "every GPU class"
+    runtime_note: str = ""  # how ComfyUI computes it there, and on which rows it was measured
+    runtime_threshold_db: float | None = None  # the level under which the as-computed figure is flagged
 
 
 HELD_OUT, IN_SAMPLE, WEIGHTS = "held-out inputs", "in-sample inputs", "the weight error"
@@ -61,10 +70,12 @@ def safe_norm(x: torch.Tensor) -> float:
 
 def layer_stats(layer: str, fmt, weight: torch.Tensor, approx: torch.Tensor, note: str = "") -> LayerStats:
     """Error statistics of `approx` against `weight`. Consumes `approx` (the difference is formed in place)."""
+    from .quantization.runtime import warn_below_db
     noise = safe_norm(approx.sub_(weight)) ** 2
     signal = safe_norm(weight) ** 2
     return LayerStats(layer, fmt.describe(), tuple(weight.shape), noise / max(weight.numel(), 1),
-                      sqnr_db(signal, noise), math.sqrt(noise / signal) if signal else 0.0, note)
+                      sqnr_db(signal, noise), math.sqrt(noise / signal) if signal else 0.0, note,
+                      threshold_db=warn_below_db(fmt.name))
 
 
 def quadratic_energy(m: torch.Tensor, second_moment: torch.Tensor) -> torch.Tensor:
@@ -97,22 +108,78 @@ def output_sqnr_db(weight: torch.Tensor, delta: torch.Tensor, hessian: torch.Ten
     return sqnr_db(float(quadratic_energy(weight, hessian)), output_noise(delta, hessian, mean, bias_shift))
 
 
+DEFAULT_THRESHOLD_DB = 30.0  # a layer without its format's level (legacy formats)
+
+
 class QualityReport:
-    def __init__(self, layers: list[LayerStats], threshold_db: float = 30.0, method: str = "rtn"):
+    def __init__(self, layers: list[LayerStats], threshold_db: float | None = None, method: str = "rtn"):
         self.layers = sorted(layers, key=lambda s: s.sqnr_db)  # worst first
-        self.threshold_db = threshold_db
+        self.threshold_db = threshold_db  # one level for every layer; None: each layer's format's own
         self.method = method  # the method asked for; its per-layer outcome against RTN is counted in the summary
 
+    def threshold_of(self, s: LayerStats) -> float:
+        """The SQNR (dB) under which layer `s` is flagged."""
+        if self.threshold_db is not None:
+            return self.threshold_db
+        return s.threshold_db if s.threshold_db is not None else DEFAULT_THRESHOLD_DB
+
     def below_threshold(self) -> list[LayerStats]:
-        return [s for s in self.layers if s.sqnr_db < self.threshold_db]
+        return [s for s in self.layers if s.sqnr_db < self.threshold_of(s)]
+
+    def threshold_text(self) -> str:
+        """'30 dB', or each format's level ('their format's level: nvfp4 15 dB, int8_tensorwise 30 dB')."""
+        if self.threshold_db is not None:
+            return f"{self.threshold_db:g} dB"
+        levels = {s.format.split(" ")[0]: self.threshold_of(s) for s in self.layers}
+        if len(levels) == 1:
+            return f"{next(iter(levels.values())):g} dB ({next(iter(levels))}'s level)"
+        return "their format's level (" + ", ".join(f"{f} {db:g} dB" for f, db in levels.items()) + ")"
 
     def summary(self) -> str:
         if not self.layers:
             return "quality: no quantized layers"
         worst = self.layers[0]
         line = (f"quality: {len(self.layers)} layers, mean SQNR {self.mean_sqnr():.1f} dB, worst {worst.sqnr_db:.1f} dB "
-                f"({worst.layer}), {len(self.below_threshold())} below {self.threshold_db:g} dB")
-        return line + self.output_summary() + self.method_summary()
+                f"({worst.layer}), {len(self.below_threshold())} below {self.threshold_text()}")
+        return line + self.output_summary() + self.runtime_summary() + self.method_summary()
+
+    def runtime_groups(self) -> dict[str, dict]:
+        """Per GPU class of the run-time figures: layers measured as computed (activations quantized), their mean
+        SQNR as computed and weights only on the same rows (dB), the rows, and layers that class dequantizes."""
+        groups: dict[str, dict] = {}
+        for s in self.layers:
+            if not s.runtime_gpu:
+                continue
+            group = groups.setdefault(s.runtime_gpu, {"layers": 0, "computed_db": [], "weights_db": [], "rows": set(),
+                                                      "dequantized": 0, "below": 0})
+            if s.runtime_sqnr_db is None:
+                group["dequantized"] += 1
+                continue
+            group["layers"] += 1
+            group["computed_db"].append(s.runtime_sqnr_db)
+            group["weights_db"].append(s.runtime_weights_db)
+            group["rows"].add(s.runtime_note.rpartition("; on ")[2].split(" ", 1)[-1])
+            group["below"] += s.runtime_threshold_db is not None and s.runtime_sqnr_db < s.runtime_threshold_db
+        return {gpu: {"layers": g["layers"], "computed_db": _mean(g["computed_db"]) if g["layers"] else None,
+                      "weights_db": _mean(g["weights_db"]) if g["layers"] else None, "rows": sorted(g["rows"]),
+                      "dequantized": g["dequantized"], "below_threshold": g["below"]} for gpu, g in groups.items()}
+
+    def runtime_summary(self) -> str:
+        """'; as computed on Blackwell (RTX 50, B200): 14.20 dB vs 17.90 dB weights only (output SQNR of 152 layers
+        on held-out calibration rows)': what ComfyUI's kernels make of the file where they quantize activations."""
+        parts = []
+        for gpu, g in self.runtime_groups().items():
+            if g["layers"]:
+                rows = g["rows"][0] if len(g["rows"]) == 1 else "; ".join(g["rows"])
+                part = (f"as computed on {gpu}: {g['computed_db']:.2f} dB vs {g['weights_db']:.2f} dB weights only "
+                        f"(output SQNR of {_layers(g['layers'])} on {rows}; {g['below_threshold']} below their "
+                        "format's level as computed)")
+                if g["dequantized"]:
+                    part += f", {g['dequantized']} more dequantized there (= weights only)"
+            else:
+                part = f"as computed on {gpu}: weights dequantized, the same as weights only"
+            parts.append(part)
+        return "".join(f"; {p}" for p in parts)
 
     def _measured(self) -> list[LayerStats]:
         return [s for s in self.layers if s.output_sqnr_db is not None and s.rtn_output_sqnr_db is not None
@@ -190,11 +257,14 @@ class QualityReport:
         rows = self.layers if limit is None else self.layers[:limit]
         width = max([len(s.layer) for s in rows] + [5])
         outputs = any(s.output_sqnr_db is not None for s in rows)
+        computed = any(s.runtime_sqnr_db is not None for s in rows)
         head = f"{'out dB':>8} {'RTN out':>8} {'‖Δb‖':>7}  " if outputs else ""
+        head += f"{'as comp.':>8} {'(w only)':>8}  " if computed else ""
         lines = [f"{'layer':<{width}}  {'format':<28} {'SQNR dB':>8} {'MSE':>11}  {head}note"]
         for s in rows:
-            flag = "  < threshold" if s.sqnr_db < self.threshold_db else ""
+            flag = f"  < {self.threshold_of(s):g} dB" if s.sqnr_db < self.threshold_of(s) else ""
             cols = _output_columns(s) if outputs else ""
+            cols += _runtime_columns(s) if computed else ""
             note = "; ".join(filter(None, (s.note, s.calibration)))
             lines.append(f"{s.layer:<{width}}  {s.format:<28} {s.sqnr_db:8.2f} {s.mse:11.4e}  {cols}{note}{flag}")
         if limit is not None and len(self.layers) > limit:
@@ -204,7 +274,8 @@ class QualityReport:
     def to_json(self, extra: dict | None = None) -> dict:
         return {"summary": self.summary(), "threshold_db": self.threshold_db, "mean_sqnr_db": _finite(self.mean_sqnr()),
                 "output_sqnr_basis": self.output_basis(), "method_layers": _json_safe(self.method_counts()),
-                "layers": [_layer_json(s) for s in self.layers], **(extra or {})}
+                "runtime": _json_safe(self.runtime_groups()), "layers": [_layer_json(s) for s in self.layers],
+                **(extra or {})}
 
 
 def _layers(n: int) -> str:
@@ -228,6 +299,12 @@ def _output_columns(s: LayerStats) -> str:
     return f"{num(s.output_sqnr_db, 8, '.2f')} {num(s.rtn_output_sqnr_db, 8, '.2f')} {num(s.bias_shift, 7, '.4f')}  "
 
 
+def _runtime_columns(s: LayerStats) -> str:
+    def num(x):
+        return f"{'-':>8}" if x is None else f"{x:8.2f}"
+    return f"{num(s.runtime_sqnr_db)} {num(s.runtime_weights_db)}  "
+
+
 def _finite(x: float):
     return x if math.isfinite(x) else ("inf" if x > 0 else "-inf")
 
@@ -236,12 +313,15 @@ def _json_safe(value):
     """`value` with every non-finite float written as "inf" / "-inf" (JSON has no infinities)."""
     if isinstance(value, dict):
         return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_json_safe(v) for v in value]
     return _finite(value) if isinstance(value, float) else value
 
 
 def _layer_json(s: LayerStats) -> dict:
     out = asdict(s)
-    for key in ("sqnr_db", "output_sqnr_db", "rtn_output_sqnr_db", "method_sqnr_db"):
+    for key in ("sqnr_db", "output_sqnr_db", "rtn_output_sqnr_db", "method_sqnr_db", "runtime_sqnr_db",
+                "runtime_weights_db"):
         if out[key] is not None:
             out[key] = _finite(out[key])
     return out

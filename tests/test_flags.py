@@ -88,6 +88,7 @@ CASES = {
     "--no-memory-limits": (["--no-memory-limits"], ["--device", "cuda"]),
     "--verify": (["--verify", "off"], []), "--report-quality": (["--report-quality"], []),
     "--quality-threshold": (["--quality-threshold", "99"], []), "--report": (["--report", "{dir}/r.json"], []),
+    "--runtime-gpu": (["--runtime-gpu", "hopper"], ["--int4", "--convrot-group-size", "64"]),
     "--overwrite": (["--overwrite"], []), "--no-progress": (["--no-progress"], []),
     "--gptq-damp": (["--gptq-damp", "0.9"], GPTQ + CAL), "--gptq-block-size": (["--gptq-block-size", "8"], GPTQ + CAL),
     "--scale-search": (["--no-scale-search"], GPTQ + CAL), "--gptq-actorder": (["--no-gptq-actorder"], GPTQ + CAL),

@@ -13,6 +13,7 @@ from .bias import Evaluation, LayerCalibration, Outcome, weight_evaluation
 from .formats import Format
 from .formats.markers import MARKER_SUFFIX, marker_tensor
 from .methods.rtn import RoundToNearest
+from .runtime import runtime_fields
 
 # --streaming-mode: layers with more weight elements than this are quantized on the CPU when the device is CUDA
 STREAMING_THRESHOLDS = {"off": math.inf, "minimal": 100_000_000, "balanced": 50_000_000, "aggressive": 25_000_000}
@@ -65,6 +66,9 @@ class LayerRun:
     path: str
     cpu_above: float  # weight elements above which the layer runs on the CPU
     notes: list
+    runtime_gpu: str = "auto"  # the GPU class the report's "as computed" figures emulate (runtime.py)
+    input_divisor: object = None  # layer → s of SmoothQuant (the layer's inputs are x / s) or None
+    text_encoder: bool = False  # ComfyUI computes the model with dequantized weights (runtime.TEXT_ENCODER_PRESETS)
 
     def device_for(self, numel: int) -> torch.device:
         return torch.device("cpu") if numel > self.cpu_above else self.device
@@ -147,4 +151,8 @@ def quantize_layer(decision, tensor: torch.Tensor, writer, run: LayerRun, calibr
     writer.add(f"{decision.layer}.{MARKER_SUFFIX}", marker_tensor(conf))
     extra = calibration.after_layer(decision.layer, run.method.name, weight, rebuilt, evaluation, outcome)
     extra["calibration"] = "; ".join(filter(None, (source_note, extra.get("calibration"))))
+    divisor = run.input_divisor(decision.layer) if run.input_divisor is not None else None
+    extra.update(runtime_fields(decision.layer, conf, input_scale, stats, weight, rebuilt,
+                                calibration.bias_shifts.get(decision.layer), run.runtime_gpu, divisor,
+                                run.text_encoder))
     return conf, replace(layer_stats(decision.layer, fmt, weight, rebuilt, decision.reason), **extra)
