@@ -13,6 +13,7 @@ from comfy_api.latest import io
 
 from .. import quant_core
 from ..quant_core import KEEP, QUANTIZE, QuantError
+from ..quant_core.quantization.runtime import warn_below_db
 from . import paths
 from .recipe import QuantRecipe, require_plan
 from .types import CATEGORY, QuantPlan
@@ -137,21 +138,32 @@ def conversion_report(result, display: str, plan: QuantRecipe) -> dict:
         "peak_gpu_bytes": result.peak_gpu_bytes,  # None: it ran on the CPU
         "formats": dict(Counter(s.format for s in layers)),
         "kept": sum(1 for d in result.plan.of(KEEP) if d.key.endswith(".weight")),
-        "threshold_db": result.report.threshold_db, "mean_sqnr_db": _finite(result.report.mean_sqnr()),
+        "threshold_db": result.report.threshold_db,  # one level for all layers, or None: each layer's format's own
+        "mean_sqnr_db": _finite(result.report.mean_sqnr()),
         "summary": result.report.summary(),  # says whether output figures are held-out or in-sample
         "output_sqnr_basis": result.report.output_basis(),  # "held-out", "in-sample", "mixed" or None
         "method_layers": result.report.to_json()["method_layers"],  # kept vs round-to-nearest (JSON-safe)
-        "layers": [{"name": s.layer, "format": s.format, "sqnr_db": _finite(s.sqnr_db), "method_kept": s.method_kept}
-                   for s in layers],
+        "runtime": result.report.to_json()["runtime"],  # per GPU class: as computed vs weights only (JSON-safe)
+        "layers": [_layer(s, result.report.threshold_of(s)) for s in layers],
         "verify": _verify_dict(verification),
         "lora": None if result.lora is None else result.lora.summary(),
         "notes": result.notes,
     }
 
 
+def _layer(s, threshold_db: float) -> dict:
+    """One bar of the chart: weights only (`sqnr_db`, flagged under `threshold_db`) and, where the GPU class
+    quantizes activations, as computed there (`runtime_sqnr_db`, flagged under `runtime_threshold_db`)."""
+    return {"name": s.layer, "format": s.format, "sqnr_db": _finite(s.sqnr_db), "method_kept": s.method_kept,
+            "threshold_db": threshold_db, "runtime_sqnr_db": _finite(s.runtime_sqnr_db),
+            "runtime_weights_db": _finite(s.runtime_weights_db), "runtime_threshold_db": s.runtime_threshold_db,
+            "runtime_gpu": s.runtime_gpu}
+
+
 def verification_report(result, display: str) -> dict:
     layers = [{"name": c.layer, "format": c.format,
-               "sqnr_db": None if c.rel_error is None else _finite(quant_core.sqnr_from_rel_error(c.rel_error))}
+               "sqnr_db": None if c.rel_error is None else _finite(quant_core.sqnr_from_rel_error(c.rel_error)),
+               "threshold_db": warn_below_db(c.format)}
               for c in result.layers]
     measured = [l["sqnr_db"] for l in layers if isinstance(l["sqnr_db"], float)]
     return {

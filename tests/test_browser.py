@@ -41,7 +41,12 @@ def test_editor_workflow_renders_the_quality_chart(tmp_path):
             page.wait_for_function("document.querySelectorAll('.quant-core-report').length == 2", timeout=180_000)
             charts = page.evaluate("""() => [...document.querySelectorAll('.quant-core-report')].map(e => ({
                 kind: e.dataset.kind, ok: e.dataset.verifyOk, text: e.innerText,
-                bars: [...e.querySelectorAll('rect.quant-core-bar')].map(r => [r.dataset.layer, +r.dataset.sqnr])}))""")
+                lo: +e.querySelector('svg').dataset.lo, hi: +e.querySelector('svg').dataset.hi,
+                legend: e.querySelector('.quant-core-legend').textContent,
+                bars: [...e.querySelectorAll('rect.quant-core-bar')].map(r => [r.dataset.layer, +r.dataset.sqnr,
+                                                                              +r.dataset.threshold]),
+                computed: [...e.querySelectorAll('circle.quant-core-computed')].map(c => [c.dataset.layer,
+                                                                                         +c.dataset.sqnr])}))""")
             os.makedirs(ARTIFACTS, exist_ok=True)
             shot = os.path.join(ARTIFACTS, "quality_chart.png")
             page.screenshot(path=shot)
@@ -55,9 +60,17 @@ def test_editor_workflow_renders_the_quality_chart(tmp_path):
     save_chart = by_kind["save"]
     assert save_chart["ok"] == "true" and "verify OK" in save_chart["text"] and "worst layers" in save_chart["text"]
     assert f"{report['seconds']:.1f} s on the CPU" in save_chart["text"]
-    assert [name for name, _ in save_chart["bars"]] == [l["name"] for l in report["layers"]]  # model order
-    assert [db for _, db in save_chart["bars"]] == pytest.approx([l["sqnr_db"] for l in report["layers"]])
+    assert [name for name, _, _ in save_chart["bars"]] == [l["name"] for l in report["layers"]]  # model order
+    assert [db for _, db, _ in save_chart["bars"]] == pytest.approx([l["sqnr_db"] for l in report["layers"]])
     assert len(save_chart["bars"]) == 26 and by_kind["verify"]["ok"] == "true" and len(by_kind["verify"]["bars"]) == 26
+    # per-format level (int8_tensorwise: 30 dB), the axis spans the data (not 0…), both series where they differ
+    for chart in charts:
+        dbs = [db for _, db, _ in chart["bars"]]
+        assert {level for _, _, level in chart["bars"]} == {30.0}
+        assert 0 < chart["lo"] <= min(dbs) - 2 and max(dbs) + 2 <= chart["hi"] <= max(dbs) + 7
+    assert [name for name, _ in save_chart["computed"]] == [l["name"] for l in report["layers"]]
+    assert [db for _, db in save_chart["computed"]] == pytest.approx([l["runtime_sqnr_db"] for l in report["layers"]])
+    assert "line: as computed on every GPU class" in save_chart["legend"] and not by_kind["verify"]["computed"]
     assert os.path.getsize(shot) > 20_000
 
 

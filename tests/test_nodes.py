@@ -193,6 +193,11 @@ def test_chain_with_lora_saves_a_verified_file_with_report(pack, comfy_dirs):
     assert report["size_after"] < report["size_before"] * 0.6
     assert report["seconds"] > 0 and report["peak_gpu_bytes"] is None  # the CPU here
     assert len(report["layers"]) == 26 and all(isinstance(l["sqnr_db"], float) for l in report["layers"])
+    # FP8: flagged under its own level (not 30 dB); as computed on Ada (activations cast to FP8 with scale 1.0)
+    assert report["threshold_db"] is None and {l["threshold_db"] for l in report["layers"]} == {28.5}
+    ada = report["runtime"]["Ada (RTX 40, L40S)"]
+    assert ada["layers"] == 26 and ada["computed_db"] < ada["weights_db"] and "as computed on Ada" in report["summary"]
+    assert all(l["runtime_sqnr_db"] < l["runtime_weights_db"] for l in report["layers"])
     assert "LoRA: 1 modules merged" in report["lora"] and "merge LoRA: loras/tiny_lora.safetensors" in report["steps"]
     import quant_core
     assert quant_core.verify(path).ok
@@ -257,6 +262,7 @@ def test_verify_node_measures_layers_and_confines_paths(pack, comfy_dirs, tmp_pa
     report = out.ui["quant_report"][0]
     assert out.args[0].startswith("verify OK") and report["verify"]["ok"]
     assert len(report["layers"]) == 26 and min(l["sqnr_db"] for l in report["layers"]) > 35  # int8 per-row
+    assert {l["threshold_db"] for l in report["layers"]} == {30.0}  # int8_tensorwise's level
     assert verify.execute(file="none", reference="none", path=path).args[0].startswith("verify OK")
     outside = tmp_path / "outside.safetensors"
     save_file({"w": torch.zeros(2)}, str(outside))

@@ -1,11 +1,14 @@
-// Quality report on Save Quantized / Verify Quantized: a per-layer SQNR chart (layers in model order, worst ones
-// red and listed) and the summary (size before/after, format mix, verify result). Reads only the node's `ui`
-// output (`quant_report`), so API workflows never depend on this file.
+// Quality report on Save Quantized / Verify Quantized: a per-layer SQNR chart (layers in model order; bars: weights
+// only, red under their format's level; a line: as ComfyUI computes the layer on a GPU class, with its activations
+// quantized, where that differs) and the summary (size before/after, format mix, verify result). Reads only the
+// node's `ui` output (`quant_report`), so API workflows never depend on this file.
 import { app } from "../../../scripts/app.js";
 
 const REPORT_NODES = ["QuantCoreSaveQuantized", "QuantCoreVerifyQuantized"];
 const SVG = "http://www.w3.org/2000/svg";
-const WIDTH = 420, HEIGHT = 150, PAD = 28;
+const WIDTH = 420, HEIGHT = 170, PAD = 28, BOTTOM = 14;
+const CAP_DB = 120;  // exact layers are reported as 999 dB: drawn at the top, never stretching the axis
+const COLORS = { ok: "#46a758", bad: "#e5484d", level: "#f5a623", computed: "#3e9bff" };
 
 function gib(bytes) {
   return bytes >= 1 << 30 ? `${(bytes / (1 << 30)).toFixed(2)} GiB` : `${(bytes / (1 << 20)).toFixed(1)} MiB`;
@@ -17,36 +20,87 @@ function svgEl(tag, attrs) {
   return el;
 }
 
+function levelOf(report, l) {
+  return l.threshold_db ?? report.threshold_db ?? 30;
+}
+
+function computedOf(l) {
+  return typeof l.runtime_sqnr_db === "number" ? l.runtime_sqnr_db : null;
+}
+
+// The y-axis: the data's range (both series and the levels drawn), padded and rounded to 5 dB, at least 10 dB tall.
+function axisRange(values) {
+  const finite = values.filter((v) => Number.isFinite(v)).map((v) => Math.max(-CAP_DB, Math.min(v, CAP_DB)));
+  let lo = Math.floor((Math.min(...finite) - 2) / 5) * 5, hi = Math.ceil((Math.max(...finite) + 2) / 5) * 5;
+  if (hi - lo < 10) hi = lo + 10;
+  return [lo, hi];
+}
+
 function chart(report) {
   const layers = report.layers.filter((l) => typeof l.sqnr_db === "number");
-  const threshold = report.threshold_db ?? 30;
-  const svg = svgEl("svg", { width: WIDTH, height: HEIGHT, class: "quant-core-chart", "data-layers": layers.length });
+  const computed = layers.filter((l) => computedOf(l) !== null);
+  const svg = svgEl("svg", { width: WIDTH, height: HEIGHT, class: "quant-core-chart", "data-layers": layers.length,
+                             "data-computed": computed.length });
   if (!layers.length) return svg;
-  const top = Math.max(threshold + 10, ...layers.map((l) => Math.min(l.sqnr_db, 120)));
-  const y = (db) => HEIGHT - PAD + 10 - (Math.max(0, Math.min(db, top)) / top) * (HEIGHT - PAD);
+  const [lo, hi] = axisRange([...layers.map((l) => l.sqnr_db), ...layers.map((l) => levelOf(report, l)),
+                              ...computed.map(computedOf)]);
+  svg.dataset.lo = lo;
+  svg.dataset.hi = hi;
+  const base = HEIGHT - BOTTOM;
+  const y = (db) => base - ((Math.max(lo, Math.min(db, hi)) - lo) / (hi - lo)) * (base - 8);
   const step = (WIDTH - PAD) / layers.length;
+  const levels = [];
   layers.forEach((l, i) => {
+    const level = levelOf(report, l), bad = l.sqnr_db < level;
     const bar = svgEl("rect", {
-      x: PAD + i * step, y: y(l.sqnr_db), width: Math.max(step - 0.5, 0.5), height: HEIGHT - PAD + 10 - y(l.sqnr_db),
-      class: l.sqnr_db < threshold ? "quant-core-bar quant-core-bad" : "quant-core-bar",
-      fill: l.sqnr_db < threshold ? "#e5484d" : "#46a758", "data-layer": l.name, "data-sqnr": l.sqnr_db,
+      x: PAD + i * step, y: y(l.sqnr_db), width: Math.max(step - 0.5, 0.5), height: base - y(l.sqnr_db),
+      class: bad ? "quant-core-bar quant-core-bad" : "quant-core-bar", fill: bad ? COLORS.bad : COLORS.ok,
+      "data-layer": l.name, "data-sqnr": l.sqnr_db, "data-threshold": level,
     });
     const tip = svgEl("title", {});
-    tip.textContent = `${l.name}: ${l.sqnr_db.toFixed(1)} dB (${l.format})`;
+    const asComputed = computedOf(l) !== null ? `; as computed on ${l.runtime_gpu}: ${computedOf(l).toFixed(1)} dB` : "";
+    tip.textContent = `${l.name}: ${l.sqnr_db.toFixed(1)} dB weights only (${l.format}; level ${level} dB)${asComputed}`;
     bar.appendChild(tip);
     svg.appendChild(bar);
+    levels.push(`M${PAD + i * step} ${y(level)} H${PAD + (i + 1) * step}`);  // each layer's own format's level
   });
-  svg.appendChild(svgEl("line", { x1: PAD, x2: WIDTH, y1: y(threshold), y2: y(threshold), stroke: "#f5a623",
-                                  "stroke-dasharray": "4 3" }));
-  for (const db of [0, threshold, Math.round(top)]) {
+  svg.appendChild(svgEl("path", { d: levels.join(" "), stroke: COLORS.level, "stroke-dasharray": "4 3", fill: "none",
+                                  class: "quant-core-level" }));
+  if (computed.length) {
+    const points = layers.map((l, i) => [l, PAD + (i + 0.5) * step]).filter(([l]) => computedOf(l) !== null);
+    svg.appendChild(svgEl("polyline", { points: points.map(([l, x]) => `${x},${y(computedOf(l))}`).join(" "),
+                                        stroke: COLORS.computed, fill: "none", "stroke-width": 1.2 }));
+    for (const [l, x] of points) {
+      const bad = l.runtime_threshold_db != null && computedOf(l) < l.runtime_threshold_db;
+      const dot = svgEl("circle", { cx: x, cy: y(computedOf(l)), r: 2, fill: bad ? COLORS.bad : COLORS.computed,
+                                    class: bad ? "quant-core-computed quant-core-bad" : "quant-core-computed",
+                                    "data-layer": l.name, "data-sqnr": computedOf(l) });
+      const tip = svgEl("title", {});
+      tip.textContent = `${l.name}: ${computedOf(l).toFixed(1)} dB as computed on ${l.runtime_gpu}` +
+        (l.runtime_threshold_db != null ? ` (level ${l.runtime_threshold_db} dB)` : "");
+      dot.appendChild(tip);
+      svg.appendChild(dot);
+    }
+  }
+  const ticks = [...new Set([lo, hi, ...layers.map((l) => levelOf(report, l))])];
+  for (const db of ticks) {
     const label = svgEl("text", { x: 2, y: y(db) + 4, fill: "#aaa", "font-size": 10 });
     label.textContent = `${db}`;
     svg.appendChild(label);
   }
   const axis = svgEl("text", { x: PAD, y: HEIGHT - 2, fill: "#aaa", "font-size": 10 });
-  axis.textContent = `SQNR dB per layer (model order); dashed: ${threshold} dB`;
+  axis.textContent = "SQNR dB per layer (model order)";
   svg.appendChild(axis);
   return svg;
+}
+
+function legend(report) {
+  const el = document.createElement("div");
+  el.className = "quant-core-legend";
+  const gpus = [...new Set(report.layers.filter((l) => computedOf(l) !== null).map((l) => l.runtime_gpu))];
+  el.textContent = "bars: weights only (red under the format's level, dashed)" +
+    (gpus.length ? `; line: as computed on ${gpus.join(", ")} (red dots under its level)` : "");
+  return el;
 }
 
 function summaryLines(report) {
@@ -80,6 +134,7 @@ function render(report) {
     root.appendChild(p);
   }
   root.appendChild(chart(report));
+  root.appendChild(legend(report));
   const worst = report.layers.filter((l) => typeof l.sqnr_db === "number")
     .sort((a, b) => a.sqnr_db - b.sqnr_db).slice(0, 5);
   if (worst.length) {
@@ -88,7 +143,8 @@ function render(report) {
     list.style.margin = "2px 0 0 16px";
     for (const l of worst) {
       const item = document.createElement("li");
-      item.textContent = `${l.name}: ${l.sqnr_db.toFixed(1)} dB`;
+      const asComputed = computedOf(l) !== null ? ` (as computed ${computedOf(l).toFixed(1)} dB)` : "";
+      item.textContent = `${l.name}: ${l.sqnr_db.toFixed(1)} dB${asComputed}`;
       list.appendChild(item);
     }
     root.appendChild(document.createTextNode("worst layers:"));
@@ -101,7 +157,7 @@ function showReport(node, report) {
   let widget = node.widgets?.find((w) => w.name === "quant_report");
   if (!widget) {
     const holder = document.createElement("div");
-    widget = node.addDOMWidget("quant_report", "quant_report", holder, { serialize: false, getMinHeight: () => 330 });
+    widget = node.addDOMWidget("quant_report", "quant_report", holder, { serialize: false, getMinHeight: () => 350 });
   }
   widget.element.replaceChildren(render(report));
   node.setSize([Math.max(node.size[0], WIDTH + 30), Math.max(node.size[1], node.computeSize()[1])]);
