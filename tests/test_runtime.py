@@ -78,6 +78,7 @@ def test_classes_follow_comfyui_capability_checks():
         assert runtime({"format": name}, None).gpu.startswith("Blackwell")
     assert runtime({"format": "nvfp4", "full_precision_matrix_mult": True}, None, "blackwell").quantize is None
     assert runtime({"format": "int8_blockwise"}, None, "blackwell").quantize is None  # not loaded upstream
+    assert runtime_fields("l", {"format": "int8_blockwise"}, None, None, torch.ones(2, 4), torch.ones(2, 4), None) == {}
 
 
 def test_fp8_without_input_scale_is_a_plain_cast_that_clips_at_448():

@@ -267,6 +267,8 @@ def runtime_fields(layer: str, marker: dict, input_scale: torch.Tensor | None, s
     it on the chosen GPU class and, on the same rows, of the dequantized weights alone; `bias_shift` is the bias
     correction written (output units), counted in both; `input_divisor` the SmoothQuant factors s of a smoothed
     layer (its inputs are the recorded ones divided by s). `weight`/`approx` are fp32 [N, K] on one device."""
+    if marker.get("format") not in AUTO_CLASS:
+        return {}  # a fork-only format: stock ComfyUI does not load it, so there is nothing it computes
     rt = runtime(marker, input_scale, gpu, text_encoder)
     if rt.quantize is None:
         return {"runtime_gpu": rt.gpu, "runtime_note": rt.describe()}
