@@ -250,3 +250,19 @@ def test_capture_keeps_a_sample_of_all_runs_and_of_the_held_out_runs(tmp_path):
     held_rows = torch.cat([x.reshape(-1, 24) for run in (data[1], data[3]) for x in run]).bfloat16().float()
     assert torch.equal(torch.sort(got.input_sample, dim=0).values, torch.sort(fit_rows, dim=0).values)  # all 256
     assert all(any(torch.equal(r, h) for h in held_rows) for r in got.heldout_input_sample[:20])
+
+
+@pytest.mark.slow
+def test_minilm_benchmark_rows(tmp_path):
+    """benchmarks/runtime_quality.py end to end on one format: W4A4 as computed is worse than weights only, W4A8
+    (Hopper) is nearly weights only."""
+    import os
+    import sys
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
+    import runtime_quality
+    out = str(tmp_path / "rows.json")
+    assert runtime_quality.main(["--formats", "int4", "--methods", "rtn", "--json", out]) == 0
+    rows = {row["as"]: row["sqnr_db"] for row in json.load(open(out))}
+    weights = rows["weights only"]
+    assert rows["as computed on Turing/Ampere (RTX 20/30, A100)"] < weights - 1.5
+    assert abs(rows["as computed on Hopper (H100, H200)"] - weights) < 0.3
