@@ -198,8 +198,9 @@ class SaveCalibration(io.ComfyNode):
                              tooltip="With role auto: runs 4, 8, 12 … (for 4) go to held-out statistics; 0 = none. "
                                      "The first run always fits."),
                 io.Int.Input("ready_after_runs", default=1, min=1, max=100000,
-                             tooltip="The calibration output passes on (to Quantize nodes) only once the file holds at "
-                                     "least this many fitting runs; before that, nodes after it do not run."),
+                             tooltip="The calibration output passes on (to Quantize nodes) on the fitting run that "
+                                     "brings the file to this many fitting runs (and to 2×, 3×, …); on other runs the "
+                                     "nodes after it do not run. 1 = every run."),
             ],
             outputs=[CalibrationLink.Output(display_name="calibration",
                                             tooltip="The saved file, for a Quantize or SmoothQuant node's "
@@ -211,7 +212,7 @@ class SaveCalibration(io.ComfyNode):
     def validate_inputs(cls, filename=None, mode="accumulate", role="auto", heldout_every=0, **_):
         try:  # a linked (not yet known) value is checked in execute
             if isinstance(filename, str):
-                _target(filename)
+                _target(filename, create=False)
             _check_choices(mode, role, heldout_every if isinstance(heldout_every, int) else 0)
         except (QuantError, ValueError) as e:
             return str(e)
@@ -234,10 +235,17 @@ class SaveCalibration(io.ComfyNode):
             raise ValueError(str(e)) from None
         line = summary.describe()
         ui = {"text": [line]}
-        if summary.runs < ready_after_runs:
-            ui["text"].append(f"{ready_after_runs - summary.runs} more fitting runs before the calibration passes on")
+        if not _passes_on(summary, ready_after_runs):
+            left = ready_after_runs - summary.runs % ready_after_runs
+            ui["text"].append(f"{left} more fitting runs before the calibration passes on")
             return io.NodeOutput(ExecutionBlocker(None), ui=ui)
         return io.NodeOutput(path, ui=ui)
+
+
+def _passes_on(summary, every: int) -> bool:
+    """Whether the nodes after Save Calibration run this time: every run for 1; otherwise on the fitting run that
+    brings the file to N, 2N, … fitting runs (a queue of 20 runs with N = 20 quantizes once, at the end)."""
+    return every <= 1 or (summary.role == "fit" and summary.runs % every == 0)
 
 
 def _check_choices(mode, role, heldout_every) -> None:
@@ -247,7 +255,7 @@ def _check_choices(mode, role, heldout_every) -> None:
         raise QuantError("heldout_every must be 0 (none) or at least 2 (1 would hold out every run)")
 
 
-def _target(filename: str) -> str:
+def _target(filename: str, create: bool = True) -> str:
     """models/quant_calibration/<filename>.safetensors, confined to that folder."""
     import folder_paths
     name = (filename or "").strip()
@@ -256,7 +264,8 @@ def _target(filename: str) -> str:
     if not name or name in (".", "..") or any(c in name for c in '/\\:\0') or name.startswith("."):
         raise QuantError(f"filename {filename!r}: a plain file name (no folders, not starting with a dot)")
     base = os.path.abspath(folder_paths.get_folder_paths("quant_calibration")[0])
-    os.makedirs(base, exist_ok=True)
+    if create:
+        os.makedirs(base, exist_ok=True)
     path = os.path.join(base, name + paths.SUFFIX)
     if os.path.islink(path) or (os.path.lexists(path) and not os.path.isfile(path)):
         raise QuantError(f"filename {filename!r}: exists and is not a regular file")
