@@ -13,7 +13,6 @@ from comfy_api.latest import io
 
 from .. import quant_core
 from ..quant_core import KEEP, QUANTIZE, QuantError
-from ..quant_core.quantization.runtime import warn_below_db
 from . import paths
 from .recipe import QuantRecipe, require_plan
 from .types import CATEGORY, QuantPlan
@@ -163,7 +162,7 @@ def _layer(s, threshold_db: float) -> dict:
 def verification_report(result, display: str) -> dict:
     layers = [{"name": c.layer, "format": c.format,
                "sqnr_db": None if c.rel_error is None else _finite(quant_core.sqnr_from_rel_error(c.rel_error)),
-               "threshold_db": warn_below_db(c.format)}
+               "threshold_db": quant_core.warn_below_db(c.format)}
               for c in result.layers]
     measured = [l["sqnr_db"] for l in layers if isinstance(l["sqnr_db"], float)]
     return {

@@ -54,6 +54,9 @@ def __getattr__(name: str):
     if name == "sqnr_from_rel_error":
         from .report import sqnr_from_rel_error
         return sqnr_from_rel_error
+    if name == "warn_below_db":  # a format's warning level (the quality chart)
+        from .quantization.runtime import warn_below_db
+        return warn_below_db
     if name == "check_lora":
         from .transform.lora.merge import check_lora
         return check_lora
@@ -67,5 +70,5 @@ def __getattr__(name: str):
 
 
 __all__ = ["quantize", "verify", "Job", "SETTINGS", "QuantError", "PRESETS", "METHODS", "convert", "ConvertResult",
-           "verify_file", "VerifyResult", "sqnr_from_rel_error", "check_lora", "combine_settings", "given_by_value",
-           "KEEP", "QUANTIZE", "capture", "__version__"]
+           "verify_file", "VerifyResult", "sqnr_from_rel_error", "warn_below_db", "check_lora", "combine_settings",
+           "given_by_value", "KEEP", "QUANTIZE", "capture", "__version__"]

@@ -24,7 +24,7 @@ class LayerStats:
     method_kept: bool | None = None  # the method's codes were written (True) or RTN's (False: not better than
     #                                  RTN on `compared_on`); None: no comparison (RTN itself, or no statistics)
     method_sqnr_db: float | None = None  # the method's own codes on `compared_on`, written or not (dB)
-    threshold_db: float | None = None  # the format's warning level (quantization.runtime.FORMAT_QUALITY)
+    threshold_db: float | None = None  # the format's warning level (quantization.runtime.FORMAT_QUALITY; None: 30)
     # run time (quantization/runtime.py): output SQNR as ComfyUI computes the layer on `runtime_gpu` — activations
     # quantized too — and of the dequantized weights alone on the same input rows; None where that GPU class
     # dequantizes the weights (the same as weights only)
@@ -70,12 +70,10 @@ def safe_norm(x: torch.Tensor) -> float:
 
 def layer_stats(layer: str, fmt, weight: torch.Tensor, approx: torch.Tensor, note: str = "") -> LayerStats:
     """Error statistics of `approx` against `weight`. Consumes `approx` (the difference is formed in place)."""
-    from .quantization.runtime import warn_below_db
     noise = safe_norm(approx.sub_(weight)) ** 2
     signal = safe_norm(weight) ** 2
     return LayerStats(layer, fmt.describe(), tuple(weight.shape), noise / max(weight.numel(), 1),
-                      sqnr_db(signal, noise), math.sqrt(noise / signal) if signal else 0.0, note,
-                      threshold_db=warn_below_db(fmt.name))
+                      sqnr_db(signal, noise), math.sqrt(noise / signal) if signal else 0.0, note)
 
 
 def quadratic_energy(m: torch.Tensor, second_moment: torch.Tensor) -> torch.Tensor:

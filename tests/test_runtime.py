@@ -2,6 +2,7 @@
 through comfy-kitchen's reference ops, and the rows it is measured on (the calibration file's input sample)."""
 import json
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -14,7 +15,7 @@ from quant_core.calib.stats import SAMPLE_ROWS, InputStats, StatsAccumulator, me
 from quant_core.quantization.formats import make_format
 from quant_core.quantization.runtime import (FORMAT_QUALITY, emulate, evaluation_rows, runtime, runtime_fields,
                                              warn_below_db)
-from quant_core.report import QualityReport, sqnr_db
+from quant_core.report import QualityReport, layer_stats, sqnr_db
 
 G = torch.Generator().manual_seed(0)
 
@@ -78,7 +79,8 @@ def test_classes_follow_comfyui_capability_checks():
         assert runtime({"format": name}, None).gpu.startswith("Blackwell")
     assert runtime({"format": "nvfp4", "full_precision_matrix_mult": True}, None, "blackwell").quantize is None
     assert runtime({"format": "int8_blockwise"}, None, "blackwell").quantize is None  # not loaded upstream
-    assert runtime_fields("l", {"format": "int8_blockwise"}, None, None, torch.ones(2, 4), torch.ones(2, 4), None) == {}
+    assert runtime_fields("l", {"format": "int8_blockwise"}, None, None, torch.ones(2, 4), torch.ones(2, 4),
+                          None) == {"threshold_db": 30.0}
 
 
 def test_fp8_without_input_scale_is_a_plain_cast_that_clips_at_448():
@@ -155,8 +157,8 @@ def test_thresholds_are_per_format():
     src_layers = []
     for i in range(4):  # a normal NVFP4 file: nothing flagged (a single 30 dB level would flag every layer)
         weight, _, _, approx = quantized("nvfp4")
-        from quant_core.report import layer_stats
-        src_layers.append(layer_stats(f"l{i}", make_format("nvfp4"), weight, approx.clone()))
+        fields = runtime_fields(f"l{i}", nv_marker, None, None, weight, approx, None)
+        src_layers.append(replace(layer_stats(f"l{i}", make_format("nvfp4"), weight, approx.clone()), **fields))
     report = QualityReport(src_layers)
     assert all(s.sqnr_db < 30 for s in report.layers) and not report.below_threshold()
     assert "17.5 dB (nvfp4's level)" in report.summary()

@@ -263,15 +263,17 @@ def evaluation_rows(layer: str, k: int, stats=None, rows: int = EVAL_ROWS) -> Ro
 def runtime_fields(layer: str, marker: dict, input_scale: torch.Tensor | None, stats, weight: torch.Tensor,
                    approx: torch.Tensor, bias_shift: torch.Tensor | None, gpu: str = AUTO,
                    input_divisor: torch.Tensor | None = None, text_encoder: bool = False) -> dict:
-    """The report's run-time fields (`report.LayerStats`) of a quantized layer: output SQNR (dB) as ComfyUI computes
+    """The report's run-time fields (`report.LayerStats`) of a quantized layer: its format's warning level, the
+    output SQNR (dB) as ComfyUI computes
     it on the chosen GPU class and, on the same rows, of the dequantized weights alone; `bias_shift` is the bias
     correction written (output units), counted in both; `input_divisor` the SmoothQuant factors s of a smoothed
     layer (its inputs are the recorded ones divided by s). `weight`/`approx` are fp32 [N, K] on one device."""
+    level = {"threshold_db": warn_below_db(marker.get("format", ""))}
     if marker.get("format") not in AUTO_CLASS:
-        return {}  # a fork-only format: stock ComfyUI does not load it, so there is nothing it computes
+        return level  # a fork-only format: stock ComfyUI does not load it, so there is nothing it computes
     rt = runtime(marker, input_scale, gpu, text_encoder)
     if rt.quantize is None:
-        return {"runtime_gpu": rt.gpu, "runtime_note": rt.describe()}
+        return {**level, "runtime_gpu": rt.gpu, "runtime_note": rt.describe()}
     rows = evaluation_rows(layer, weight.shape[1], stats)
     x = rows.x.to(weight.device)
     if input_divisor is not None and stats is not None:  # N(0, I) rows stand for any input: not divided
@@ -283,7 +285,7 @@ def runtime_fields(layer: str, marker: dict, input_scale: torch.Tensor | None, s
         computed = emulate(x, approx, rt) + shift - reference
         signal, noise_w, noise_c = torch.stack([t.square().sum(dtype=torch.float64)
                                                 for t in (reference, weights_only, computed)]).tolist()
-    return {"runtime_sqnr_db": sqnr_db(signal, noise_c), "runtime_weights_db": sqnr_db(signal, noise_w),
+    return {**level, "runtime_sqnr_db": sqnr_db(signal, noise_c), "runtime_weights_db": sqnr_db(signal, noise_w),
             "runtime_gpu": rt.gpu, "runtime_note": f"{rt.describe()}; on {rows.basis}",
             "runtime_threshold_db": warn_below_db(marker.get("format", ""), computed=True)}
 
