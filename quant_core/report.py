@@ -209,6 +209,8 @@ class QualityReport:
             held = sum(s.compared_on == HELD_OUT for s in measured)
             where = (f"on held-out inputs for {held} of {len(measured)} layers, in-sample for the other "
                      f"{len(measured) - held} (those figures flatter the method)")
+        if self.method == "rtn":  # nothing to compare: the file is round-to-nearest
+            return f"; output SQNR {where}: {method:.2f} dB (mean of {len(measured)} layers)"
         return (f"; output SQNR {where}: {method:.2f} dB vs RTN {rtn:.2f} dB "
                 f"({method - rtn:+.2f} dB, {verdict} RTN, mean of {len(measured)} layers)")
 
