@@ -312,6 +312,7 @@ def report_fields(report) -> dict:
     if counts:
         out["kept"] = counts.get("kept")
         out["fell_back"] = counts.get("round_to_nearest")
+        out["fell_back_layers"] = [s.layer for s in report.layers if getattr(s, "method_kept", None) is not True]
     measured = [s for s in report.layers if getattr(s, "output_sqnr_db", None) is not None
                 and getattr(s, "rtn_output_sqnr_db", None) is not None
                 and math.isfinite(s.output_sqnr_db) and math.isfinite(s.rtn_output_sqnr_db)]
@@ -485,6 +486,8 @@ def main(argv=None) -> int:
     for part in ("flux", "clip"):
         for row in out[part]:
             print(f"  {part} {row['format']} {row['method']}: {row['summary']}")
+            if row.get("fell_back_layers"):
+                print(f"    round-to-nearest on: {', '.join(row['fell_back_layers'])}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(out, f, indent=2, default=str)
