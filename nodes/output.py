@@ -68,7 +68,7 @@ class SaveQuantized(io.ComfyNode):
         path, display = paths.save_path(filename_prefix, destination)
         try:
             job = plan.job(verify=verify)
-            result = quant_core.convert(plan.source, path, job, on_layer=layer_progress())
+            result = quant_core.convert(plan.open_source(), path, job, on_layer=layer_progress())
         except QuantError as e:
             raise ValueError(str(e)) from None
         report = conversion_report(result, display, plan)
@@ -146,7 +146,7 @@ def conversion_report(result, display: str, plan: QuantRecipe) -> dict:
         "layers": [_layer(s, result.report.threshold_of(s)) for s in layers],
         "verify": _verify_dict(verification),
         "lora": None if result.lora is None else result.lora.summary(),
-        "notes": result.notes,
+        "notes": plan.notes + result.notes,
     }
 
 

@@ -25,12 +25,21 @@ class LoraStep:
 
 @dataclass(frozen=True)
 class QuantRecipe:
-    source: str  # absolute path of the checkpoint, confined to ComfyUI's model folders
+    source: str  # absolute path of the checkpoint, confined to ComfyUI's model folders ("" for a graph's model)
     source_name: str  # as listed in the node ("diffusion_models/flux.safetensors")
     fingerprint: str  # size and modification time: an edited file re-runs everything downstream
     loras: tuple[LoraStep, ...] = ()
     transform: tuple[tuple[str, object], ...] = ()  # settings of transform nodes (SmoothQuant)
     quantize: tuple[tuple[str, object], ...] = ()  # settings of a Quantize node
+    computed: object = None  # patched.PatchedSource: the graph's MODEL/CLIP instead of a file (source is then "")
+
+    def open_source(self):
+        """What the engine converts: the file's path, or the graph's model computed tensor by tensor."""
+        return self.source if self.computed is None else self.computed.open()
+
+    @property
+    def notes(self) -> list[str]:
+        return list(self.computed.notes) if self.computed is not None else []
 
     def with_lora(self, step: LoraStep) -> QuantRecipe:
         return dataclasses.replace(self, loras=self.loras + (step,))
@@ -45,11 +54,14 @@ class QuantRecipe:
 
     def job(self, **run_settings):
         """The checked engine job for this recipe; `run_settings` are the Save node's (verify, progress…)."""
-        if not self.quantize:
+        quantize = dict(self.quantize)
+        if not quantize and self.computed is None:
             raise QuantError("the plan reaching Save Quantized has no Quantize node; add Quantize (INT8/FP8/NVFP4/MXFP8) "
                              "between Load Safetensors and Save Quantized")
+        if not quantize:  # the graph's patched model saved unquantized, in the dtypes its Plan node chose
+            quantize = {"format": "fp16"}
         loras = tuple((step.path, step.strength) for step in self.loras)
-        steps = [("a transform node", dict(self.transform)), ("the Quantize node", dict(self.quantize)),
+        steps = [("a transform node", dict(self.transform)), ("the Quantize node", quantize),
                  ("Save Quantized", run_settings)]
         settings = quant_core.combine_settings(steps)
         if loras:
@@ -59,6 +71,8 @@ class QuantRecipe:
     def describe(self) -> str:
         """One line per step, for the node's text output and the report."""
         lines = [f"source: {self.source_name}"]
+        if self.computed is not None:
+            lines += [f"  from: {node}" for node in self.computed.provenance.get("graph", [])]
         lines += [f"merge LoRA: {step.name} × {step.strength:g}" for step in self.loras]
         if self.transform:
             lines.append("transform: " + json.dumps(dict(self.transform), default=str))

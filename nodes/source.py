@@ -101,7 +101,10 @@ def _strength_problem(strength) -> str | None:
 
 
 def _check_lora_matches(plan: QuantRecipe, lora_path: str, strength: float) -> None:
-    """Fail here (not minutes later in Save) when the LoRA does not fit the model: reads headers only."""
+    """Fail here (not minutes later in Save) when the LoRA does not fit the model: reads headers only. (A graph's
+    model is checked when Save starts, before anything is written.)"""
+    if plan.computed is not None:
+        return
     try:
         quant_core.check_lora(plan.source, lora_path, strength)
     except QuantError as e:

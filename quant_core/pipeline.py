@@ -18,6 +18,7 @@ from tqdm import tqdm
 from .calib.source import build_source
 from .errors import QuantError
 from .io.reader import SafetensorsReader
+from .io.source import ComputedSource, open_source, source_bytes
 from .io.writer import StreamingWriter, check_target, header_reserve, write_file_atomic
 from .job import Job
 from .quantization.bias import LayerCalibration
@@ -55,9 +56,11 @@ def default_output_name(input_path: str, job: Job) -> str:
     return f"{stem}_{method}_{job.main_format().label}.safetensors"
 
 
-def convert(input_path: str, output_path: str | None, job: Job,
+def convert(source, output_path: str | None, job: Job,
             on_layer: Callable[[int, int], None] | None = None) -> ConvertResult:
-    """Convert one safetensors file. Raises QuantError for bad input; leaves no output file on any failure.
+    """Convert one safetensors file (`source` a path) or a computed model (`source` an `io.source.ComputedSource`,
+    e.g. ComfyUI's patched MODEL; then `output_path` is required). Raises QuantError for bad input; leaves no output
+    file on any failure.
 
     `on_layer(done, total)` is called after each layer is written (done counts layers, 1…total) and once with
     (0, total) before the first; it may raise to stop the conversion (ComfyUI's interrupt), which leaves no file."""
@@ -66,13 +69,16 @@ def convert(input_path: str, output_path: str | None, job: Job,
     on_cuda = device.type == "cuda" and torch.cuda.is_available()
     if on_cuda:
         torch.cuda.reset_peak_memory_stats(device)
-    with SafetensorsReader(input_path, low_memory=True) as reader:
+    if output_path is None and not isinstance(source, str):
+        raise QuantError(f"{getattr(source, 'path', source)}: name the output file (-o)")
+    with open_source(source) as reader:
+        input_path = reader.path
         _refuse_quantized_input(reader, input_path)
         plan = build_plan(reader.infos(), job)
         require_work(plan, input_path, fp16=job.quantize.format == "fp16")
         _refuse_name_collisions(reader, plan, input_path)
         output_path = output_path or default_output_name(input_path, job)
-        _check_output_path(input_path, output_path, job)
+        _check_output_path(reader, output_path, job)
         merger = _lora_merger(reader, plan, job)
         calibration = _calibration(reader, plan, job)
         extras = _calibration_extras(reader, plan, job, merger)
@@ -80,8 +86,8 @@ def convert(input_path: str, output_path: str | None, job: Job,
             result = _stream(reader, plan, output_path, job, device, merger, calibration, extras, on_layer)
         finally:
             calibration.close()
+        result.input_bytes = source_bytes(reader)
     result.seconds = time.perf_counter() - start
-    result.input_bytes = os.path.getsize(input_path)
     result.output_bytes = os.path.getsize(result.output)
     if on_cuda:
         result.peak_gpu_bytes = torch.cuda.max_memory_allocated(device)
@@ -221,9 +227,10 @@ def _refuse_name_collisions(reader: SafetensorsReader, plan: Plan, path: str) ->
                                  "quantized export?); use the original weights or --exclude-layers for that layer")
 
 
-def _user_files(input_path: str, job: Job) -> list[tuple[str, str]]:
+def _user_files(reader, job: Job) -> list[tuple[str, str]]:
     """(role, path) of every file the run reads: none of them may be replaced by the output or the report."""
-    files = [("input", input_path), ("calibration file", job.calibration.calibration_data)]
+    sources = list(reader.files) if isinstance(reader, ComputedSource) else [("input", reader.path)]
+    files = sources + [("calibration file", job.calibration.calibration_data)]
     files += [("LoRA", path) for path, _ in job.lora.loras]
     for role, value in (("layer config", job.select.layer_config), ("LoRA mapping", job.lora.lora_mapping)):
         if isinstance(value, str):
@@ -231,9 +238,9 @@ def _user_files(input_path: str, job: Job) -> list[tuple[str, str]]:
     return [(role, path) for role, path in files if path]
 
 
-def _check_output_path(input_path: str, output_path: str, job: Job) -> None:
+def _check_output_path(reader, output_path: str, job: Job) -> None:
     """The output and the report go where the rules allow (io.writer.check_target), decided before any work."""
-    inputs = _user_files(input_path, job)
+    inputs = _user_files(reader, job)
     check_target(output_path, inputs, job.output.overwrite, what="output", flag="-o")
     if job.output.report_path:
         check_target(job.output.report_path, inputs + [("output", output_path)], job.output.overwrite,
@@ -271,6 +278,7 @@ class _Run:
     layers_conf: dict = field(default_factory=dict)
     stats: list = field(default_factory=list)
     layers_total: int = 0  # progress units of the stream (layers), for the callback
+    cast_fp16: bool = True  # --format fp16 casts kept floats (not for a computed source: it gives the final dtypes)
 
     def handle(self, key: str, tensor: torch.Tensor) -> None:
         """Transform, then quantize (a selected weight) or write as kept (anything else), one tensor."""
@@ -278,7 +286,8 @@ class _Run:
         if self.transform is not None:
             tensor = self.transform(key, tensor)
         if decision.action != QUANTIZE:
-            _write_kept(key, self.calibration.corrected_bias(key, tensor), self.writer, self.job, self.notes)
+            _write_kept(key, self.calibration.corrected_bias(key, tensor), self.writer, self.job, self.notes,
+                        self.cast_fp16)
             return
         conf, layer_stat = quantize_layer(decision, tensor, self.writer, self.layer_run, self.calibration,
                                           self.job.quantize.allow_nonfinite,
@@ -310,12 +319,14 @@ def _stream(reader: SafetensorsReader, plan: Plan, output_path: str, job: Job, d
     transform = _transform_chain(merger, extras)
     with StreamingWriter(output_path, reserve, overwrite=job.output.overwrite, background_bytes=ahead) as writer:
         notes += [f"removed {path}, left by an interrupted run" for path in writer.stale_removed]
-        run = _Run(plan, job, writer, layer_run, calibration, extras, transform, notes)
+        run = _Run(plan, job, writer, layer_run, calibration, extras, transform, notes,
+                   cast_fp16=not getattr(reader, "final_dtypes", False))
         _stream_tensors(reader, keys, run, ahead, on_layer)
         notes += filter(None, [calibration.skipped_note(), _no_statistics_note(job, calibration, len(run.stats))])
-        writer.finish(_output_metadata(metadata, run.layers_conf, job))
+        writer.finish(_output_metadata(metadata, run.layers_conf, job, run.cast_fp16))
         still_wanted = (lambda: on_layer(run.layers_total, run.layers_total)) if on_layer is not None else None
-        verification = _verify_temp(writer.temp, reader.path, job, transform, still_wanted)
+        reference = reader if isinstance(reader, ComputedSource) else reader.path
+        verification = _verify_temp(writer.temp, reference, job, transform, still_wanted)
         if still_wanted is not None:
             still_wanted()  # a cancel during the final checks still leaves no file
         writer.publish()
@@ -358,6 +369,8 @@ def _stream_tensors(reader: SafetensorsReader, keys: list[str], run: _Run, ahead
 def _tensors(reader: SafetensorsReader, keys: list[str], plan: Plan, run: LayerRun, ahead: int):
     """The tensors in stream order. On CUDA (with read-ahead), the weights quantized there arrive as device tensors
     through pinned buffers, copied while the previous layer computes; everything else is read into host memory."""
+    if isinstance(reader, ComputedSource):  # computed where its owner computes; quantized weights come unrounded
+        return reader.iter_tensors(keys, exact=frozenset(d.key for d in plan.of(QUANTIZE)))
     if run.device.type != "cuda" or ahead <= 0 or not torch.cuda.is_available():
         return reader.iter_tensors(keys, prefetch_bytes=ahead)
     from .io.device_feed import DeviceFeed
@@ -365,8 +378,9 @@ def _tensors(reader: SafetensorsReader, keys: list[str], plan: Plan, run: LayerR
     return DeviceFeed(reader, run.device, ahead_bytes=ahead).iter_tensors(keys, on_device)
 
 
-def _write_kept(key: str, tensor: torch.Tensor, writer: StreamingWriter, job: Job, notes: list[str]):
-    if job.quantize.format == "fp16" and tensor.dtype in (torch.float32, torch.bfloat16, torch.float64):
+def _write_kept(key: str, tensor: torch.Tensor, writer: StreamingWriter, job: Job, notes: list[str],
+                cast_fp16: bool = True):
+    if cast_fp16 and job.quantize.format == "fp16" and tensor.dtype in (torch.float32, torch.bfloat16, torch.float64):
         if tensor.numel() and float(tensor.abs().max()) > FP16_MAX:
             notes.append(f"kept {key} in {str(tensor.dtype).removeprefix('torch.')}: values beyond the FP16 range")
         else:
@@ -374,11 +388,12 @@ def _write_kept(key: str, tensor: torch.Tensor, writer: StreamingWriter, job: Jo
     writer.add(key, tensor)
 
 
-def _output_metadata(metadata: dict, layers_conf: dict, job: Job) -> dict:
+def _output_metadata(metadata: dict, layers_conf: dict, job: Job, cast_fp16: bool = True) -> dict:
     out = dict(metadata)
     if layers_conf:
         out[QUANT_METADATA_KEY] = header_metadata(layers_conf)
-    out["quant_core"] = json.dumps({"version": __version__, "format": job.quantize.format, "method": job.method,
+    fmt = job.quantize.format if cast_fp16 or job.quantize.format != "fp16" else "unquantized"
+    out["quant_core"] = json.dumps({"version": __version__, "format": fmt, "method": job.method,
                                     **({"calibration": _calibration_label(job)} if job.uses_statistics() else {})})
     return out
 
@@ -389,13 +404,13 @@ def _calibration_label(job: Job) -> str:
     return "synthetic N(0, I)"
 
 
-def _verify_temp(temp_path: str, source_path: str, job: Job, transform=None, on_layer=None):
+def _verify_temp(temp_path: str, source, job: Job, transform=None, on_layer=None):
     if job.output.verify == "off":
         return None
     from .verify import verify_file
     # Legacy format names only come from an explicit request (scaling mode or layer config): mark, don't fail.
     # With LoRAs / SmoothQuant, the reference is the source with the same rewrites applied.
-    result = verify_file(temp_path, reference=source_path if job.output.verify == "full" else None,
+    result = verify_file(temp_path, reference=source if job.output.verify == "full" else None,
                          allow_legacy=True, reference_transform=transform, on_layer=on_layer)
     if not result.ok:
         raise QuantError(f"verify failed on the converted file (nothing written): {result.defects[0]}")

@@ -19,6 +19,7 @@ from .dequantize import rebuild_layer
 from .errors import QuantError
 from .io.dtypes import FLOAT_TAGS
 from .io.reader import SafetensorsReader
+from .io.source import open_source
 from .quantization.formats import COMPANION_SUFFIXES, CONTRACTS, WEIGHT_TAGS
 from .quantization.formats.contract import value_problem
 from .quantization.formats.markers import (MARKER, MARKER_SUFFIX, METADATA_FORMAT_VERSION, QUANT_METADATA_KEY,
@@ -56,9 +57,10 @@ class VerifyResult:
         return f"verify {state}: {len(self.layers)} quantized layers{extra}, {len(self.warnings)} warnings"
 
 
-def verify_file(path: str, reference: str | None = None, allow_legacy: bool = False,
+def verify_file(path: str, reference=None, allow_legacy: bool = False,
                 reference_transform=None, on_layer=None) -> VerifyResult:
-    """Check `path` against every rule of docs/FORMATS.md; with `reference`, also compare each layer to the source.
+    """Check `path` against every rule of docs/FORMATS.md; with `reference` (a source file's path, or the
+    `io.source.ComputedSource` it was converted from), also compare each layer to the source.
     `reference_transform(key, tensor)` rewrites reference tensors first (e.g. merges the same LoRAs). `on_layer()`
     is called before each layer is checked or compared; it may raise to stop (a cancelled run)."""
     result = VerifyResult(path)
@@ -73,7 +75,7 @@ def verify_file(path: str, reference: str | None = None, allow_legacy: bool = Fa
         _mark_legacy(result, allow_legacy)
         _check_orphans(reader, confs, result)
         if reference is not None:
-            with SafetensorsReader(reference, low_memory=True) as source:
+            with open_source(reference) as source:
                 if reference_transform is not None:
                     source = _Transformed(source, reference_transform)
                 _compare_with_source(reader, source, confs, result, tick)
