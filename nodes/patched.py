@@ -70,6 +70,10 @@ class _Computer:
         self.entries, self.keys, self.dtype, self.device = entries, keys, dtype, device
 
     def __call__(self, name: str, exact: bool) -> torch.Tensor:
+        with torch.no_grad():  # the model's parameters may require grad: no autograd graph per weight
+            return self._compute(name, exact).detach()
+
+    def _compute(self, name: str, exact: bool) -> torch.Tensor:
         import comfy.lora
         import comfy.model_management as mm
         (base, convert, *_), *patches = self.entries[name]
@@ -298,10 +302,23 @@ def _detected_as(layout: dict[str, str], native: dict, config) -> str | None:
         return "ComfyUI detects no model in these keys"
     if type(found) is not type(config):
         return f"detected as {type(found).__name__}, not {type(config).__name__}"
+    differs = _config_difference(found.unet_config, config.unet_config)
+    if differs:
+        return f"detected with {differs} (a different {type(config).__name__} would be built)"
     loaded = set(found.process_unet_state_dict(dict(sd)))
     if loaded != set(native):
         extra = sorted(set(native) - loaded) or sorted(loaded - set(native))
         return f"{len(set(native) ^ loaded)} keys would not load (e.g. {extra[0]})"
+    return None
+
+
+def _config_difference(detected: dict, held: dict) -> str | None:
+    """The first architecture setting ComfyUI would detect differently from the model the graph holds."""
+    for name, value in detected.items():
+        if name in ("dtype", "device", "operations") or name not in held:
+            continue
+        if isinstance(value, (bool, int, float, str, list, tuple, type(None))) and value != held[name]:
+            return f"{name}={value!r} where this model has {held[name]!r}"
     return None
 
 
