@@ -18,8 +18,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .. import quant_core
 from ..quant_core import QuantError
-from ..quant_core.io.source import ComputedSource, SourceTensor
 
 DTYPES = {"as loaded": None, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 DIFFUSION_PREFIX = "diffusion_model."
@@ -38,7 +38,7 @@ class PatchedSource:
     provenance: dict = field(default_factory=dict)  # header entry: source nodes, patches, what is not saved
     notes: tuple[str, ...] = ()
 
-    def open(self) -> ComputedSource:
+    def open(self):
         """The source the engine streams; the base weights and patches are read now (the graph may have loaded
         and patched the model since the node ran)."""
         key_patches = self.patcher.get_key_patches()
@@ -48,10 +48,10 @@ class PatchedSource:
             raise QuantError(f"{self.label}: the model no longer has {missing[0]} (changed since the plan was made); "
                              "queue the workflow again")
         entries = {out: key_patches[key] for out, key in self.key_map}
-        tensors = [SourceTensor(out, self._stored_dtype(entries[out][0][0]), tuple(entries[out][0][0].shape))
+        tensors = [quant_core.SourceTensor(out, self._stored_dtype(entries[out][0][0]), tuple(entries[out][0][0].shape))
                    for out, _ in self.key_map]
         compute = _Computer(entries, wanted, self.dtype, self.patcher.load_device)
-        return ComputedSource(self.label, tensors, compute, {"quant_core_source": json.dumps(self.provenance)},
+        return quant_core.ComputedSource(self.label, tensors, compute, {"quant_core_source": json.dumps(self.provenance)},
                               files=_source_files(self.patcher))
 
     def _stored_dtype(self, weight: torch.Tensor) -> torch.dtype:

@@ -15,8 +15,8 @@ from __future__ import annotations
 from .version import __version__
 
 
-def quantize(input: str, output: str | None = None, on_layer=None, **settings):
-    """Convert `input` to a quantized file. Keyword settings: see `SETTINGS`; a setting that has no effect with the
+def quantize(input, output: str | None = None, on_layer=None, **settings):
+    """Convert `input` (a .safetensors path, or a `ComputedSource`) to a quantized file. Keyword settings: see `SETTINGS`; a setting that has no effect with the
     others is refused (QuantError). `on_layer(done, total)` is called after each layer. Returns a `ConvertResult`
     (output path, plan, quality report, verify result)."""
     from .job import Job
@@ -63,6 +63,9 @@ def __getattr__(name: str):
     if name == "capture":  # capture sessions and their calibration files (the ComfyUI capture nodes)
         from .calib import capture
         return capture
+    if name in ("ComputedSource", "SourceTensor"):  # a model held elsewhere, computed tensor by tensor (Plan from MODEL)
+        from .io import source
+        return getattr(source, name)
     if name in ("KEEP", "QUANTIZE"):
         from .select import plan
         return getattr(plan, name)
@@ -71,4 +74,4 @@ def __getattr__(name: str):
 
 __all__ = ["quantize", "verify", "Job", "SETTINGS", "QuantError", "PRESETS", "METHODS", "convert", "ConvertResult",
            "verify_file", "VerifyResult", "sqnr_from_rel_error", "warn_below_db", "check_lora", "combine_settings",
-           "given_by_value", "KEEP", "QUANTIZE", "capture", "__version__"]
+           "given_by_value", "KEEP", "QUANTIZE", "capture", "ComputedSource", "SourceTensor", "__version__"]

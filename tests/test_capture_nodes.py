@@ -11,7 +11,7 @@ Skipped without a ComfyUI tree, like tests/test_nodes.py.
 import pytest
 import torch
 
-from comfy_env import comfyui_tree, import_comfyui, import_pack
+from comfy_env import calibration_folder, comfyui_tree, import_pack, pack_nodes
 from comfy_graphs import tiny_flux_state_dict
 
 TREE = comfyui_tree()
@@ -22,11 +22,7 @@ CLIP_D, CLIP_FF, CLIP_LAYERS = 64, 128, 2
 
 @pytest.fixture(scope="module")
 def nodes():
-    import_comfyui(TREE)
-    pack = import_pack()
-    import importlib
-    importlib.import_module(f"{pack.__name__}.nodes.extension")
-    return pack.nodes.extension.NODES_BY_ID
+    return pack_nodes(TREE)
 
 
 @pytest.fixture(scope="module")
@@ -75,11 +71,8 @@ def clip(nodes):
 
 @pytest.fixture
 def calibration_dir(nodes, tmp_path):
-    import folder_paths
-    saved = folder_paths.folder_names_and_paths.get("quant_calibration")
-    folder_paths.folder_names_and_paths["quant_calibration"] = ([str(tmp_path)], {".safetensors"})
-    yield tmp_path
-    folder_paths.folder_names_and_paths["quant_calibration"] = saved
+    with calibration_folder(tmp_path):
+        yield tmp_path
 
 
 def run(prompt_id: str):

@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from comfy_env import comfyui_tree, import_comfyui, import_pack
+from comfy_env import calibration_folder, comfyui_tree, import_pack, pack_nodes
 from comfy_graphs import tiny_flux_state_dict
 
 TREE = comfyui_tree()
@@ -23,11 +23,7 @@ STEPS = 3
 
 @pytest.fixture(scope="module")
 def nodes():
-    import_comfyui(TREE)
-    pack = import_pack()
-    import importlib
-    importlib.import_module(f"{pack.__name__}.nodes.extension")
-    return pack.nodes.extension.NODES_BY_ID
+    return pack_nodes(TREE)
 
 
 @pytest.fixture(scope="module")
@@ -293,3 +289,52 @@ def test_a_patched_clip_encoder_is_written_as_comfyui_computes_it(nodes, pack, d
                            before["text_model.encoder.layers.0.mlp.fc1.weight"])
     provenance = json.loads(meta["quant_core_source"])
     assert provenance["encoder"] == "clip_g" and provenance["weight_patches"]["lora"]["strengths"] == [0.9]
+
+
+@pytest.fixture
+def calibration_dir(nodes, tmp_path):
+    with calibration_folder(tmp_path):
+        yield tmp_path
+
+
+def test_capture_and_quantize_the_same_patched_model(nodes, pack, patched_model, calibration_dir, tmp_path):
+    """Capture Calibration on the patched MODEL while it samples, then Plan from MODEL of that MODEL → Quantize INT8
+    GPTQ with the captured file: GPTQ fits the activations of the patched model, every layer matched by name."""
+    from comfy_execution.utils import CurrentNodeContext
+    captured, handle = nodes["QuantCoreCaptureModel"].execute(patched_model, 1.0, 1024).args
+    for i, seed in enumerate((11, 12, 13)):
+        with CurrentNodeContext(f"run{i}", "1"):
+            sample(captured, seed)
+            out = nodes["QuantCoreSaveCalibration"].execute(handle, None, "patched", "accumulate", "auto", 3, 1)
+    calibration = out.args[0]
+    plan = plan_of(nodes, captured)  # the capture's clone carries the same patches: the same weights
+    quantize = nodes["QuantCoreQuantizeINT8"].execute(
+        plan, scaling="row", convrot=False, convrot_group_size="256", quip_convrot_storage=False, method="gptq",
+        calibration="synthetic", calibration_file=calibration, bias_correction=True, gptq_damp=0.1, preset="none",
+        exclude_layers="", keep_io_layers=True, full_precision_matrix_mult=False, layer_config="").args[0]
+    result = pack.quant_core.convert(quantize.open_source(), str(tmp_path / "gptq.safetensors"),
+                                     quantize.job(verify="full", progress=False))
+    assert result.verify.ok and not result.notes, result.notes
+    summary = result.report.summary()
+    assert "gptq kept on" in summary and "held-out" in summary, summary
+    assert "mean of 13 layers" in summary, summary  # every layer had the patched model's captured statistics
+    assert any(s.method_kept for s in result.report.layers), summary  # and GPTQ's codes won somewhere
+
+
+def test_merge_lora_and_a_layer_config_work_on_a_graph_plan(nodes, pack, patched_model, tmp_path):
+    """The pack's own Merge LoRA adds a LoRA file on top of the graph's patches (keys are the diffusion-model file's),
+    and a layer config keeps one layer in high precision, exactly as with a file source."""
+    from safetensors.torch import save_file
+    g = torch.Generator().manual_seed(4)
+    save_file({"lora_unet_single_blocks_0_linear2.lora_up.weight": torch.randn(256, 4, generator=g) * 0.1,
+               "lora_unet_single_blocks_0_linear2.lora_down.weight": torch.randn(4, 1280, generator=g) * 0.1},
+              str(tmp_path / "extra.safetensors"))
+    from quant_core_pack.nodes.recipe import LoraStep
+    plan = plan_of(nodes, patched_model).with_lora(LoraStep(str(tmp_path / "extra.safetensors"), "extra", 1.0))
+    plan = plan.with_quantize(format="int8", layer_config={"rules": [{"match": "^double_blocks\\.0\\.img_mod", "skip": True}]})
+    result = pack.quant_core.convert(plan.open_source(), str(tmp_path / "o.safetensors"),
+                                     plan.job(verify="full", progress=False))
+    assert result.verify.ok and result.lora.summary().startswith("LoRA: 1 modules merged into 1 weights"), result.lora.summary()
+    tensors, _ = read(tmp_path / "o.safetensors")
+    assert tensors["double_blocks.0.img_mod.lin.weight"].dtype == torch.float32  # kept, as the model holds it
+    assert "double_blocks.0.img_mod.lin.comfy_quant" not in tensors and "single_blocks.0.linear2.comfy_quant" in tensors
