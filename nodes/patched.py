@@ -50,7 +50,8 @@ class PatchedSource:
         entries = {out: key_patches[key] for out, key in self.key_map}
         tensors = [quant_core.SourceTensor(out, self._stored_dtype(entries[out][0][0]), tuple(entries[out][0][0].shape))
                    for out, _ in self.key_map]
-        compute = _Computer(entries, wanted, self.dtype, self.patcher.load_device)
+        on_the_fly = bool(getattr(self.patcher, "is_dynamic", lambda: False)())
+        compute = _Computer(entries, wanted, self.dtype, self.patcher.load_device, on_the_fly)
         return quant_core.ComputedSource(self.label, tensors, compute, {"quant_core_source": json.dumps(self.provenance)},
                               files=_source_files(self.patcher))
 
@@ -66,8 +67,9 @@ FP8 = (torch.float8_e4m3fn, torch.float8_e5m2)
 class _Computer:
     """compute(output key, exact) for ComputedSource: ComfyUI's patch arithmetic on one tensor."""
 
-    def __init__(self, entries: dict, keys: dict[str, str], dtype, device):
+    def __init__(self, entries: dict, keys: dict[str, str], dtype, device, on_the_fly: bool):
         self.entries, self.keys, self.dtype, self.device = entries, keys, dtype, device
+        self.on_the_fly = on_the_fly  # dynamic VRAM: ComfyUI patches while sampling, in the weight's own dtype
 
     def __call__(self, name: str, exact: bool) -> torch.Tensor:
         with torch.no_grad():  # the model's parameters may require grad: no autograd graph per weight
@@ -81,13 +83,21 @@ class _Computer:
         stored = self.dtype or (torch.bfloat16 if base.dtype in FP8 else base.dtype)
         if not patches and not exact and base.dtype == stored:
             return base.detach().to("cpu")  # untouched by any patch: the model's own tensor
-        # what ComfyUI computes patches in when it loads the model (fp32, or fp16 on some GPUs); fp32 for quantizing
-        compute = torch.float32 if exact or not hasattr(mm, "lora_compute_dtype") else mm.lora_compute_dtype(self.device)
+        # A tensor written as it is: patched the way ComfyUI patches it for sampling. Loading the classic way, it
+        # computes in its LoRA compute dtype (fp32, fp16 on some GPUs) and rounds to the stored dtype; with dynamic
+        # VRAM it patches each weight on the fly in that weight's dtype. A weight to quantize: fp32 throughout.
+        intermediate = torch.float32  # calculate_weight's default, which ModelPatcher uses
+        if exact:
+            compute = torch.float32
+        elif self.on_the_fly and base.dtype == stored:
+            compute = intermediate = stored
+        else:
+            compute = mm.lora_compute_dtype(self.device) if hasattr(mm, "lora_compute_dtype") else torch.float32
         weight = mm.cast_to_device(base, self.device, compute, copy=True)
         weight = convert(weight, inplace=True)
         if patches:
             with comfy_errors() as errors:
-                weight = comfy.lora.calculate_weight(patches, weight, key)
+                weight = comfy.lora.calculate_weight(patches, weight, key, intermediate_dtype=intermediate)
             if errors:
                 raise QuantError(f"{key}: ComfyUI did not apply a patch ({errors[0]}); nothing was written")
         if exact:
