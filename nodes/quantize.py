@@ -24,7 +24,8 @@ SYNTHETIC = "synthetic"
 def _common_inputs() -> list:
     methods = quant_core.METHODS
     return [
-        QuantPlan.Input("plan", tooltip="The plan from Load Safetensors, Merge LoRA or SmoothQuant."),
+        QuantPlan.Input("plan", tooltip="The plan from Load Safetensors, Plan from MODEL/CLIP, Merge LoRA or "
+                                        "SmoothQuant."),
         setting_input("method", tooltip="How codes are chosen on the scale grid. " + "; ".join(
             f"{name}: {entry.help}" for name, entry in methods.items())),
         io.Combo.Input("calibration", options=[SYNTHETIC, *paths.list_files(paths.CALIBRATION_FOLDERS)],

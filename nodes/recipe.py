@@ -90,6 +90,6 @@ def file_fingerprint(path: str) -> str:
 def require_plan(plan) -> "QuantRecipe":
     """The plan input of a node, checked: a link from a quantization node, not a typed-in value."""
     if not isinstance(plan, QuantRecipe):
-        raise ValueError(f"plan: expected a QUANT_PLAN link from Load Safetensors (or a later quantization node), "
+        raise ValueError(f"plan: expected a QUANT_PLAN link from Load Safetensors or Plan from MODEL/CLIP (or a later quantization node), "
                          f"got {type(plan).__name__}")
     return plan
