@@ -49,6 +49,8 @@ class ConvertResult:
 def default_output_name(input_path: str, job: Job) -> str:
     """`<stem>_<method>_<format label>.safetensors` next to the input ("simple" = round-to-nearest)."""
     stem = os.path.splitext(input_path)[0]
+    if job.auto.active:
+        return f"{stem}_{'simple' if job.method == 'rtn' else job.method}_auto_{job.auto.target_gpu}.safetensors"
     if job.quantize.format == "fp16":
         return f"{stem}_fp16.safetensors"
     method = "simple" if job.method == "rtn" else job.method
@@ -77,12 +79,15 @@ def convert(input_path: str, output_path: str | None, job: Job,
         calibration = _calibration(reader, plan, job)
         extras = _calibration_extras(reader, plan, job, merger)
         try:
+            auto = _auto_choice(reader, plan, job, calibration, merger, extras)
             result = _stream(reader, plan, output_path, job, device, merger, calibration, extras, on_layer)
         finally:
             calibration.close()
     result.seconds = time.perf_counter() - start
     result.input_bytes = os.path.getsize(input_path)
     result.output_bytes = os.path.getsize(result.output)
+    if auto is not None:
+        auto.attach(result.report, result.output_bytes)
     if on_cuda:
         result.peak_gpu_bytes = torch.cuda.max_memory_allocated(device)
     if job.output.report_path:
@@ -91,6 +96,16 @@ def convert(input_path: str, output_path: str | None, job: Job,
             "peak_gpu_bytes": result.peak_gpu_bytes, "notes": result.notes,
             "kept": {d.key: d.reason for d in plan.of(KEEP) if d.reason}})
     return result
+
+
+def _auto_choice(reader: SafetensorsReader, plan: Plan, job: Job, calibration: LayerCalibration, merger,
+                 extras: "CalibrationExtras"):
+    """--auto-bits / --auto-size-gb: every selected layer's format chosen from measurements and written into the plan
+    (select/auto.py); None otherwise."""
+    if not job.auto.active:
+        return None
+    from .select.auto import choose_formats
+    return choose_formats(reader, plan, job, calibration, _transform_chain(merger, extras), extras.notes)
 
 
 def _write_report(result: ConvertResult, job: Job, extra: dict) -> None:
