@@ -26,6 +26,7 @@ import math
 from dataclasses import dataclass, field
 
 import torch
+from tqdm import tqdm
 
 from ..errors import QuantError
 from ..io.dtypes import element_size, torch_dtype
@@ -265,7 +266,9 @@ def choose_formats(reader, plan: Plan, job, calibration, transform=None, notes: 
     by_key = {c.decision.key: c for c in layers}
     basis = set()
     ahead = 0 if job.device.low_memory else job.device.prefetch_bytes
-    for key, tensor in reader.iter_tensors(list(by_key), prefetch_bytes=ahead):
+    tensors = reader.iter_tensors(list(by_key), prefetch_bytes=ahead)
+    for key, tensor in tqdm(tensors, total=len(by_key), desc="auto: measuring candidates", unit="layer",
+                            disable=not job.output.progress, dynamic_ncols=True):
         if transform is not None:
             tensor = transform(key, tensor)
         choice = by_key[key]
@@ -332,6 +335,7 @@ def measure_layer(choice: LayerChoice, tensor: torch.Tensor, run: LayerRun, cali
     """Each option's output noise on the layer's input rows, as computed on GPU class `emulated`; returns what the
     rows are. The codes are the conversion's own (method, guard against RTN, bias correction)."""
     d = choice.decision
+    tensor = tensor.to(run.device_for(tensor.numel()))  # once, not once per candidate
     stats, _ = calibration.stats(d.layer, tensor.shape[1])
     method, evaluation, guard = layer_method(run, calibration, d.layer, stats)
     rows = evaluation_rows(d.layer, tensor.shape[1], stats)
@@ -364,8 +368,8 @@ def measure_layer(choice: LayerChoice, tensor: torch.Tensor, run: LayerRun, cali
                 option.at_output = float(per_channel @ gain.to(per_channel.device, torch.float64)) / x.shape[0]
             choice.signal = float(reference.square().sum(dtype=torch.float64))
             del weight, approx, out, reference
-    real = stats is not None
-    return rows.basis if real else f"the weight error ({rows.basis})"
+    what = rows.basis.split(" ", 1)[1] if rows.basis[:1].isdigit() else rows.basis  # "128 held-out …": no count
+    return what if stats is not None else f"the weight error ({what})"
 
 
 def _budget(reader, plan: Plan, layers: list[LayerChoice], auto) -> tuple[int, int]:
@@ -376,13 +380,9 @@ def _budget(reader, plan: Plan, layers: list[LayerChoice], auto) -> tuple[int, i
     for d in plan.decisions.values():
         if d.action == REMOVE or d.key in chosen:
             continue
-        info = reader.info(d.key)
-        if d.action == KEEP:
-            entries.append((d.key, info.dtype, info.shape))
-            other += info.nbytes
-        else:  # a layer left out of the choice (non-finite weights): counted as kept
-            entries.append((d.key, info.dtype, info.shape))
-            other += info.nbytes
+        info = reader.info(d.key)  # every other tensor is written as it is
+        entries.append((d.key, info.dtype, info.shape))
+        other += info.nbytes
     for i, c in enumerate(layers):  # every option's tensors (distinct names): the header's upper bound
         info = reader.info(c.decision.key)
         for o in c.options:
