@@ -186,6 +186,18 @@ def test_a_budget_below_the_smallest_file_is_refused_with_what_is_possible(model
         _convert(model, "e.safetensors", auto_bits=3.0, target_gpu="ampere")
 
 
+def test_nonfinite_layers_are_refused_or_kept_as_without_auto(model, tmp_path):
+    sd = {f"{name}.weight": torch.randn(*shape).bfloat16() for name, shape in LAYERS.items()}
+    sd["blocks.0.attn.proj.weight"][0, 0] = float("nan")
+    path = str(tmp_path / "nan.safetensors")
+    save_file(sd, path)
+    with pytest.raises(QuantError, match="blocks.0.attn.proj has 1 NaN/Inf values"):
+        quant_core.quantize(path, str(tmp_path / "o.safetensors"), auto_bits=6.0, target_gpu="blackwell")
+    result = quant_core.quantize(path, str(tmp_path / "o.safetensors"), auto_bits=6.0, target_gpu="blackwell",
+                                 allow_nonfinite=True)
+    assert "blocks.0.attn.proj" not in _formats(result.output) and len(_formats(result.output)) == len(LAYERS) - 1
+
+
 def test_without_calibration_the_weight_error_decides_and_the_report_says_so(model):
     result = _convert(model, "f.safetensors", auto_bits=6.0, target_gpu="any")
     assert "the weight error" in result.report.auto.basis and "N(0, I)" in result.report.auto.basis

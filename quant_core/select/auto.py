@@ -272,7 +272,11 @@ def choose_formats(reader, plan: Plan, job, calibration, transform=None, notes: 
         if transform is not None:
             tensor = transform(key, tensor)
         choice = by_key[key]
-        if count_nonfinite(tensor):  # left to the conversion: it refuses the layer or keeps it (--allow-nonfinite)
+        bad = count_nonfinite(tensor)
+        if bad:  # as the conversion does: refused, or kept with --allow-nonfinite
+            if not job.quantize.allow_nonfinite:
+                raise QuantError(f"{reader.path}: layer {choice.decision.layer} has {bad} NaN/Inf values; fix the "
+                                 "checkpoint or pass --allow-nonfinite to keep such layers in high precision")
             choice.options = [o for o in choice.options if o.format is None]
             continue
         basis.add(measure_layer(choice, tensor, run, calibration, target.emulated, text_encoder))
