@@ -203,14 +203,24 @@ class AutoChoice:
 
     def table(self) -> str:
         width = max([len(c.decision.layer) for c in self.layers] + [5])
-        lines = [f"{'layer':<{width}}  {'chosen':<22} {'bits':>6} {'pred dB':>8} {'meas dB':>8}  candidates (bits/dB)"]
+        fmt = max([len(c.options[c.chosen].describe) for c in self.layers] + [6])
+        lines = [f"{'layer':<{width}}  {'chosen':<{fmt}} {'bits':>6} {'pred dB':>8} {'meas dB':>8} {'share':>6}  "
+                 "candidates (bits/dB)"]
         for c in self.layers:
             o = c.options[c.chosen]
             others = ", ".join(f"{x.name} {self.bits_of(c, x):.2f}/{c.predicted_db(x):.1f}" for x in c.options)
             meas = f"{c.measured_db:8.2f}" if c.measured_db is not None else f"{'-':>8}"
-            lines.append(f"{c.decision.layer:<{width}}  {o.describe:<22} {self.bits_of(c, o):6.2f} "
-                         f"{c.predicted_db(o):8.2f} {meas}  {others}")
+            share = f"{100 * self.share(c):5.1f}%" if self.gains else f"{'-':>6}"
+            lines.append(f"{c.decision.layer:<{width}}  {o.describe:<{fmt}} {self.bits_of(c, o):6.2f} "
+                         f"{c.predicted_db(o):8.2f} {meas} {share}  {others}")
         return "\n".join(lines)
+
+    def share(self, c: LayerChoice) -> float | None:
+        """The chosen option's part of the predicted noise at the model's output (with gains), 0…1."""
+        if not self.gains:
+            return None
+        total = sum(x.options[x.chosen].at_output for x in self.layers)
+        return c.options[c.chosen].at_output / total if total > 0 else 0.0
 
     @staticmethod
     def bits_of(c: LayerChoice, o: Option) -> float:
@@ -242,6 +252,7 @@ class AutoChoice:
             "layers": [{"layer": c.decision.layer, "format": c.options[c.chosen].describe,
                         "bits_per_weight": self.bits_of(c, c.options[c.chosen]),
                         "predicted_db": finite(c.predicted_db()), "measured_db": finite(c.measured_db),
+                        "share_of_output_noise": self.share(c),
                         "candidates": {o.name: {"bits_per_weight": self.bits_of(c, o), "db": finite(c.predicted_db(o))}
                                        for o in c.options}} for c in self.layers],
         }
