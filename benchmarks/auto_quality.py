@@ -12,7 +12,7 @@ auto at the size of uniform NVFP4 + 25 % ≥ NVFP4's best method + 3 dB; auto at
 + 1 dB (and, stated next to it, against INT8 ConvRot, the same size).
 
     python benchmarks/auto_quality.py [--target blackwell] [--bits 5,6,...] [--json out.json] [--plot docs/auto_curve.png]
-    python benchmarks/auto_quality.py --from-json out.json --plot docs/auto_curve.png   # redraw only
+    python benchmarks/auto_quality.py --from-json a.json,b.json --plot docs/auto_curve.png   # redraw only
 """
 from __future__ import annotations
 
@@ -122,26 +122,28 @@ def verdicts(data: dict) -> list[str]:
     return lines
 
 
-def plot(data: dict, path: str) -> None:
+def plot(datas: list[dict], path: str) -> None:
+    """One panel per target: auto's curve and each uniform format (its better method), as computed there."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    rows = data["rows"]
-    fig, ax = plt.subplots(figsize=(8, 5), dpi=120)
-    auto = sorted((r for r in rows if r["kind"] == "auto"), key=lambda r: r["bits"])
-    ax.plot([r["bits"] for r in auto], [r["sqnr_db"] for r in auto], "o-", color="black",
-            label=f"auto (--target-gpu {data['target']}, {auto[0]['method'] if auto else ''})", zorder=3)
-    markers = iter("sD^vP*X")
-    for fmt in dict.fromkeys(r["format"] for r in rows if r["kind"] == "uniform"):
-        best = max((r for r in rows if r["kind"] == "uniform" and r["format"] == fmt), key=lambda r: r["sqnr_db"])
-        ax.scatter([best["bits"]], [best["sqnr_db"]], marker=next(markers), s=60,
-                   label=f"uniform {fmt} ({best['method']})", zorder=4)
-    ax.set_xlabel("stored bits per weight (codes, scales, markers; kept layers fp32)")
-    ax.set_ylabel("last hidden state SQNR, dB (held-out sentences)")
-    ax.set_title(f"all-MiniLM-L6-v2, as computed on {data['emulated_on']}")
-    ax.set_xlim(4, 16.5)
-    ax.grid(alpha=0.3)
-    ax.legend(loc="lower right", fontsize=8)
+    fig, axes = plt.subplots(1, len(datas), figsize=(7 * len(datas), 5), dpi=110, squeeze=False)
+    for ax, data in zip(axes[0], datas):
+        rows = data["rows"]
+        auto = sorted((r for r in rows if r["kind"] == "auto"), key=lambda r: r["bits"])
+        ax.plot([r["bits"] for r in auto], [r["sqnr_db"] for r in auto], "o-", color="black", zorder=3,
+                label=f"auto --target-gpu {data['target']} ({auto[0]['method'] if auto else ''})")
+        markers = iter("sD^vP*X")
+        for fmt in dict.fromkeys(r["format"] for r in rows if r["kind"] == "uniform"):
+            best = max((r for r in rows if r["kind"] == "uniform" and r["format"] == fmt), key=lambda r: r["sqnr_db"])
+            ax.scatter([best["bits"]], [best["sqnr_db"]], marker=next(markers), s=70, zorder=4,
+                       label=f"uniform {fmt} ({best['method']})")
+        ax.set_xlabel("stored bits per weight (codes, scales, markers; a kept layer: fp32 = 32)")
+        ax.set_ylabel("last hidden state SQNR, dB (30 held-out sentences)")
+        ax.set_title(f"all-MiniLM-L6-v2, as computed on {data['emulated_on']}", fontsize=10)
+        ax.set_xlim(4, 16.5)
+        ax.grid(alpha=0.3)
+        ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
     fig.savefig(path)
 
@@ -153,21 +155,25 @@ def main(argv=None) -> int:
     parser.add_argument("--auto-method", default="gptq")
     parser.add_argument("--bits", default=DEFAULT_BITS, help="auto budgets (bits/weight), comma-separated")
     parser.add_argument("--json", help="write the rows as JSON")
-    parser.add_argument("--from-json", help="read the rows from this JSON instead of measuring")
+    parser.add_argument("--from-json", help="read the rows from these JSON files (comma-separated; one panel each) "
+                                            "instead of measuring")
     parser.add_argument("--plot", help="draw the curve into this PNG (needs matplotlib)")
     args = parser.parse_args(argv)
     if args.from_json:
-        with open(args.from_json) as f:
-            data = json.load(f)
+        datas = []
+        for path in args.from_json.split(","):
+            with open(path) as f:
+                datas.append(json.load(f))
     else:
-        data = measure(args.target, args.uniform_methods.split(","), args.auto_method,
-                       [float(b) for b in args.bits.split(",") if b])
-    print("\n".join(verdicts(data)))
+        datas = [measure(args.target, args.uniform_methods.split(","), args.auto_method,
+                         [float(b) for b in args.bits.split(",") if b])]
+    for data in datas:
+        print("\n".join(verdicts(data)))
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(data, f, indent=2)
+            json.dump(datas[0], f, indent=2)
     if args.plot:
-        plot(data, args.plot)
+        plot(datas, args.plot)
     return 0
 
 
