@@ -138,6 +138,11 @@ def plot(datas: list[dict], path: str) -> None:
             best = max((r for r in rows if r["kind"] == "uniform" and r["format"] == fmt), key=lambda r: r["sqnr_db"])
             ax.scatter([best["bits"]], [best["sqnr_db"]], marker=next(markers), s=70, zorder=4,
                        label=f"uniform {fmt} ({best['method']})")
+        for label, bits in data["goals"].items():
+            if bits:
+                ax.axvline(bits, color="grey", linestyle=":", linewidth=1)
+                ax.annotate(f"uniform {label}", (bits, ax.get_ylim()[0]), rotation=90, fontsize=7, color="grey",
+                            xytext=(2, 4), textcoords="offset points")
         ax.set_xlabel("stored bits per weight (codes, scales, markers; a kept layer: fp32 = 32)")
         ax.set_ylabel("last hidden state SQNR, dB (30 held-out sentences)")
         ax.set_title(f"all-MiniLM-L6-v2, as computed on {data['emulated_on']}", fontsize=10)
