@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 
 import torch
 from tqdm import tqdm
@@ -160,7 +161,12 @@ def _record_gains(model, forward, tokenizer, lines: list[str], stats: dict, meta
             batch = tokenizer(line, return_tensors="pt", truncation=True)
             out = forward(**{k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "token_type_ids")})
             probe(out[0] if isinstance(out, (tuple, list)) else out.last_hidden_state)
-    gains, energy = record_output_gains(model, run)
+    try:
+        gains, energy = record_output_gains(model, run)
+    except Exception as e:  # noqa: BLE001 (a model that cannot run backwards keeps its statistics, without gains)
+        print(f"note: output gains not recorded ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+              "--auto-bits will weigh the layers equally", file=sys.stderr)
+        return
     for layer, gain in gains.items():
         if layer in stats:
             stats[layer].output_gain = gain
@@ -198,7 +204,6 @@ def _load_weights(model, path: str, model_dir: str) -> None:
 
 
 def main() -> int:
-    import sys
     try:
         return run_calibrate(sys.argv[1:])
     except QuantError as e:
