@@ -137,13 +137,9 @@ class AutoChoice:
     layers: list[LayerChoice]
     exact: bool
     cell: int
-    output_energy: float | None = None  # with gains: E‖Y_t‖² of the model output (per token); None: no gains
+    gains: bool = False  # each layer weighed by its recorded output gain (else: equal relative noise)
+    output_energy: float | None = None  # E‖Y_t‖² of the model output per token (calibration header), if recorded
     file_bytes: int | None = None  # after writing
-
-    @property
-    def gains(self) -> bool:
-        """Whether the choice weighed each layer by its measured output gain (else: equal relative noise)."""
-        return self.output_energy is not None
 
     @property
     def numel(self) -> int:
@@ -167,8 +163,8 @@ class AutoChoice:
         gains the predicted model output SQNR, E‖Y‖² / Σ noise at the output; else -10·log10 of the layers' mean
         relative output noise."""
         pick = pick or (lambda c: c.options[c.chosen])
-        if self.gains:
-            return sqnr_db(self.output_energy, sum(pick(c).at_output for c in self.layers))
+        if self.gains:  # a file without output_energy: relative to E‖Y_t‖² = 1
+            return sqnr_db(self.output_energy or 1.0, sum(pick(c).at_output for c in self.layers))
         return sqnr_db(len(self.layers), sum(c.relative(pick(c)) for c in self.layers))
 
     def objective(self) -> str:
@@ -308,7 +304,7 @@ def choose_formats(reader, plan: Plan, job, calibration, transform=None, notes: 
         notes.append("auto: the budget holds every selected layer unquantized; none is quantized")
     return AutoChoice(auto.target_gpu, GPU_CLASSES[target.emulated].label if not text_encoder
                       else "every GPU class (text encoder: weights dequantized)", "; ".join(sorted(basis)) or "-",
-                      _asked(auto), budget, fixed, layers, solution.exact, solution.cell,
+                      _asked(auto), budget, fixed, layers, solution.exact, solution.cell, gains,
                       _output_energy(calibration) if gains else None)
 
 
