@@ -10,14 +10,16 @@ chosen from measurements, the least total error that fits the budget.
    computes it on the target class (`quantization.runtime`: activations quantized where its kernels do) on the
    calibration file's input rows — held-out rows when the file has them. Without real statistics the rows are
    N(0, I), whose output error is the weight error (plus the activations' on such rows); the report says which.
-3. The choice (`select.knapsack.solve`): minimize Σ over layers of the relative output noise ‖ŷ − y‖² / ‖y‖² subject
-   to Σ stored bytes ≤ the budget; a multiple-choice knapsack solved by exact dynamic programming.
+3. The choice (`select.knapsack.solve`): minimize the sum over layers of the noise at the model's output — each
+   layer's per-channel output noise weighted by the calibration file's `output_gain` (how much of it reaches the
+   output, recorded by `calibrate --hf-model`) — or, without gains, of the layers' relative output noise
+   ‖ŷ − y‖² / ‖y‖², subject to Σ stored bytes ≤ the budget: a multiple-choice knapsack, solved by exact dynamic
+   programming.
 
-What it assumes: per-layer output noise adds up at the model's output, and a layer's relative noise reaches it with
-the same gain for every layer. The first was measured on all-MiniLM-L6-v2 (NVFP4 one layer at a time, the layers'
-output noise summed: 13.16 dB predicted, 13.26 dB with all layers quantized); the second is the cheap stand-in for
-propagation gains, which would need the model's code (this engine only reads its weights). docs/AUTO.md has the
-measurements.
+What it assumes: per-layer output noise adds up at the model's output (measured on all-MiniLM-L6-v2: NVFP4 one layer
+at a time, the layers' output noise summed, predicts the all-layers figure within 0.1 dB), and reaches it to first
+order (gains) or, without gains, with the same weight for every layer's relative noise — measured to be a poor
+stand-in on MiniLM. docs/AUTO.md has the measurements.
 """
 from __future__ import annotations
 
