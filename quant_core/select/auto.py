@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from tqdm import tqdm
@@ -268,28 +268,8 @@ def choose_formats(reader, plan: Plan, job, calibration, transform=None, notes: 
     layers = [LayerChoice(d, reader.info(d.key).numel) for d in plan.of(QUANTIZE)]
     for choice in layers:
         choice.options = _options(choice.decision, reader.info(choice.decision.key), formats)
-    device = pick_device(job.device)
-    run = LayerRun(make_method(job.method, job.method_config), device, job.device.no_memory_limits, reader.path,
-                   streaming_threshold(job.device, device), notes)
     text_encoder = any(p in TEXT_ENCODER_PRESETS for p in job.select.presets)
-    by_key = {c.decision.key: c for c in layers}
-    basis = set()
-    ahead = 0 if job.device.low_memory else job.device.prefetch_bytes
-    tensors = reader.iter_tensors(list(by_key), prefetch_bytes=ahead)
-    for key, tensor in tqdm(tensors, total=len(by_key), desc="auto: measuring candidates", unit="layer",
-                            disable=not job.output.progress, dynamic_ncols=True):
-        if transform is not None:
-            tensor = transform(key, tensor)
-        choice = by_key[key]
-        bad = count_nonfinite(tensor)
-        if bad:  # as the conversion does: refused, or kept with --allow-nonfinite
-            if not job.quantize.allow_nonfinite:
-                raise QuantError(f"{reader.path}: layer {choice.decision.layer} has {bad} NaN/Inf values; fix the "
-                                 "checkpoint or pass --allow-nonfinite to keep such layers in high precision")
-            choice.options = [o for o in choice.options if o.format is None]
-            continue
-        basis.add(measure_layer(choice, tensor, run, calibration, target.emulated, text_encoder))
-        del tensor
+    basis = _measure_all(reader, layers, job, calibration, transform, target.emulated, text_encoder, notes)
     budget, fixed = _budget(reader, plan, layers, auto)
     gains = bool(layers) and all(o.at_output is not None for c in layers for o in c.options)
     try:
@@ -308,6 +288,34 @@ def choose_formats(reader, plan: Plan, job, calibration, transform=None, notes: 
                       else "every GPU class (text encoder: weights dequantized)", "; ".join(sorted(basis)) or "-",
                       _asked(auto), budget, fixed, layers, solution.exact, solution.cell, gains,
                       _output_energy(calibration) if gains else None)
+
+
+def _measure_all(reader, layers: list[LayerChoice], job, calibration, transform, emulated: str, text_encoder: bool,
+                 notes: list) -> set[str]:
+    """The measuring pass: every layer's weight read once (LoRA merges applied), its candidates measured on the
+    run's device; returns what the rows were."""
+    device = pick_device(job.device)
+    run = LayerRun(make_method(job.method, job.method_config), device, job.device.no_memory_limits, reader.path,
+                   streaming_threshold(job.device, device), notes)
+    by_key = {c.decision.key: c for c in layers}
+    basis = set()
+    ahead = 0 if job.device.low_memory else job.device.prefetch_bytes
+    tensors = reader.iter_tensors(list(by_key), prefetch_bytes=ahead)
+    for key, tensor in tqdm(tensors, total=len(by_key), desc="auto: measuring candidates", unit="layer",
+                            disable=not job.output.progress, dynamic_ncols=True):
+        if transform is not None:
+            tensor = transform(key, tensor)
+        choice = by_key[key]
+        bad = count_nonfinite(tensor)
+        if bad:  # as the conversion does: refused, or kept with --allow-nonfinite (no choice: any cost will do)
+            if not job.quantize.allow_nonfinite:
+                raise QuantError(f"{reader.path}: layer {choice.decision.layer} has {bad} NaN/Inf values; fix the "
+                                 "checkpoint or pass --allow-nonfinite to keep such layers in high precision")
+            choice.options = [replace(o, at_output=0.0) for o in choice.options if o.format is None]
+            continue
+        basis.add(measure_layer(choice, tensor, run, calibration, emulated, text_encoder))
+        del tensor
+    return basis
 
 
 def _output_energy(calibration) -> float | None:
