@@ -146,7 +146,7 @@ def plot(datas: list[dict], path: str) -> None:
         ax.set_xlabel("stored bits per weight (codes, scales, markers; a kept layer: fp32 = 32)")
         ax.set_ylabel("last hidden state SQNR, dB (30 held-out sentences)")
         ax.set_title(f"all-MiniLM-L6-v2, as computed on {data['emulated_on']}", fontsize=10)
-        ax.set_xlim(4, 16.5)
+        ax.set_xlim(min([4.0] + [r["bits"] for r in rows]) - 0.2, 16.5)
         ax.grid(alpha=0.3)
         ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
