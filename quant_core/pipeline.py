@@ -62,7 +62,9 @@ def convert(input_path: str, output_path: str | None, job: Job,
     """Convert one safetensors file. Raises QuantError for bad input; leaves no output file on any failure.
 
     `on_layer(done, total)` is called after each layer is written (done counts layers, 1…total) and once with
-    (0, total) before the first; it may raise to stop the conversion (ComfyUI's interrupt), which leaves no file."""
+    (0, total) before the first; it may raise to stop the conversion (ComfyUI's interrupt), which leaves no file.
+    With --auto-bits/--auto-size-gb it is first called after each layer of the measuring pass (total: the layers
+    measured)."""
     start = time.perf_counter()
     device = pick_device(job.device)
     on_cuda = device.type == "cuda" and torch.cuda.is_available()
@@ -79,7 +81,7 @@ def convert(input_path: str, output_path: str | None, job: Job,
         calibration = _calibration(reader, plan, job)
         extras = _calibration_extras(reader, plan, job, merger)
         try:
-            auto = _auto_choice(reader, plan, job, calibration, merger, extras)
+            auto = _auto_choice(reader, plan, job, calibration, merger, extras, on_layer)
             result = _stream(reader, plan, output_path, job, device, merger, calibration, extras, on_layer)
         finally:
             calibration.close()
@@ -99,13 +101,13 @@ def convert(input_path: str, output_path: str | None, job: Job,
 
 
 def _auto_choice(reader: SafetensorsReader, plan: Plan, job: Job, calibration: LayerCalibration, merger,
-                 extras: "CalibrationExtras"):
+                 extras: "CalibrationExtras", on_layer=None):
     """--auto-bits / --auto-size-gb: every selected layer's format chosen from measurements and written into the plan
     (select/auto.py); None otherwise."""
     if not job.auto.active:
         return None
     from .select.auto import choose_formats
-    return choose_formats(reader, plan, job, calibration, _transform_chain(merger, extras), extras.notes)
+    return choose_formats(reader, plan, job, calibration, _transform_chain(merger, extras), extras.notes, on_layer)
 
 
 def _write_report(result: ConvertResult, job: Job, extra: dict) -> None:

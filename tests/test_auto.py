@@ -198,6 +198,23 @@ def test_nonfinite_layers_are_refused_or_kept_as_without_auto(model, tmp_path):
     assert "blocks.0.attn.proj" not in _formats(result.output) and len(_formats(result.output)) == len(LAYERS) - 1
 
 
+def test_the_measuring_pass_reports_progress_and_can_be_stopped_leaving_no_file(model):
+    seen = []
+
+    class Stop(Exception):
+        pass
+
+    def on_layer(done, total):
+        seen.append((done, total))
+        if len(seen) == 3:
+            raise Stop
+    out = model["dir"] / "stopped.safetensors"
+    with pytest.raises(Stop):
+        quant_core.quantize(model["model"], str(out), on_layer=on_layer, auto_bits=6.0, target_gpu="blackwell")
+    assert seen == [(0, len(LAYERS)), (1, len(LAYERS)), (2, len(LAYERS))] and not out.exists()
+    assert not [p for p in model["dir"].iterdir() if "stopped" in p.name]  # no temporary left either
+
+
 def test_without_calibration_the_weight_error_decides_and_the_report_says_so(model):
     result = _convert(model, "f.safetensors", auto_bits=6.0, target_gpu="any")
     assert "the weight error" in result.report.auto.basis and "N(0, I)" in result.report.auto.basis

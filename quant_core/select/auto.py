@@ -256,10 +256,12 @@ class AutoChoice:
         }
 
 
-def choose_formats(reader, plan: Plan, job, calibration, transform=None, notes: list | None = None) -> AutoChoice:
+def choose_formats(reader, plan: Plan, job, calibration, transform=None, notes: list | None = None,
+                   on_layer=None) -> AutoChoice:
     """Measure every selected layer's candidates (one streaming pass), solve for the budget and write the choice
     into `plan` (each QUANTIZE decision gets its format, or becomes KEEP). Raises QuantError for a budget no choice
-    fits, before anything is written."""
+    fits, before anything is written. `on_layer(done, total)` is called after each measured layer (it may raise to
+    stop: ComfyUI's Cancel)."""
     auto = job.auto
     target = TARGETS[auto.target_gpu]
     notes = notes if notes is not None else []
@@ -269,7 +271,7 @@ def choose_formats(reader, plan: Plan, job, calibration, transform=None, notes: 
     for choice in layers:
         choice.options = _options(choice.decision, reader.info(choice.decision.key), formats)
     text_encoder = any(p in TEXT_ENCODER_PRESETS for p in job.select.presets)
-    basis = _measure_all(reader, layers, job, calibration, transform, target.emulated, text_encoder, notes)
+    basis = _measure_all(reader, layers, job, calibration, transform, target.emulated, text_encoder, notes, on_layer)
     budget, fixed = _budget(reader, plan, layers, auto)
     gains = bool(layers) and all(o.at_output is not None for c in layers for o in c.options)
     try:
@@ -291,7 +293,7 @@ def choose_formats(reader, plan: Plan, job, calibration, transform=None, notes: 
 
 
 def _measure_all(reader, layers: list[LayerChoice], job, calibration, transform, emulated: str, text_encoder: bool,
-                 notes: list) -> set[str]:
+                 notes: list, on_layer=None) -> set[str]:
     """The measuring pass: every layer's weight read once (LoRA merges applied), its candidates measured on the
     run's device; returns what the rows were."""
     device = pick_device(job.device)
@@ -301,8 +303,10 @@ def _measure_all(reader, layers: list[LayerChoice], job, calibration, transform,
     basis = set()
     ahead = 0 if job.device.low_memory else job.device.prefetch_bytes
     tensors = reader.iter_tensors(list(by_key), prefetch_bytes=ahead)
-    for key, tensor in tqdm(tensors, total=len(by_key), desc="auto: measuring candidates", unit="layer",
-                            disable=not job.output.progress, dynamic_ncols=True):
+    for done, (key, tensor) in enumerate(tqdm(tensors, total=len(by_key), desc="auto: measuring candidates",
+                                              unit="layer", disable=not job.output.progress, dynamic_ncols=True)):
+        if on_layer is not None:
+            on_layer(done, len(by_key))
         if transform is not None:
             tensor = transform(key, tensor)
         choice = by_key[key]
