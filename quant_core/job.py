@@ -425,6 +425,8 @@ def _check_auto(job: Job) -> None:
                  (q.format != SETTINGS["format"][1], f"--format {q.format} (--target-gpu decides the formats)"),
                  (q.scaling_mode is not None, "--scaling_mode (each candidate format uses its default scaling)"),
                  (q.convrot, "--convrot (ConvRot INT8 is a candidate of its own)"),
+                 (getattr(job.method_config, "quip_store_transformed", False), "--quip-store-transformed (the "
+                  "candidates decide how each layer is stored; ConvRot INT8 is one of them)"),
                  (job.calibration.static_activations, "--static-activations (the chooser measures dynamic "
                   "activation scales)"),
                  (job.smoothquant.smoothquant, "--smoothquant (the chooser measures the unsmoothed layers)")]

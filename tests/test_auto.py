@@ -250,6 +250,7 @@ def test_output_gains_steer_the_bits_to_the_layers_whose_noise_reaches_the_outpu
     (dict(auto_bits=6.0, calibration_data="c.safetensors", smoothquant=True), "--smoothquant"),
     (dict(auto_bits=6.0, target_gpu="blackwell", int4_linear_dtype="int8"), "--int4-linear-dtype"),
     (dict(auto_bits=0.1), "--auto-bits must be"),
+    (dict(auto_bits=6.0, method="quip", quip_store_transformed=True), "--quip-store-transformed"),
 ])
 def test_settings_that_make_no_sense_with_auto_are_refused(settings, message):
     with pytest.raises(QuantError, match=message.replace("-", r"\-").replace(".", r"\.")):
