@@ -11,7 +11,7 @@ weight) over their weights — the same accounting for the uniform files and the
 auto at the size of uniform NVFP4 + 25 % ≥ NVFP4's best method + 3 dB; auto at the size of uniform INT8 ≥ INT8 GPTQ
 + 1 dB (and, stated next to it, against INT8 ConvRot, the same size).
 
-    python benchmarks/auto_quality.py [--target blackwell] [--bits 5,6,...] [--json out.json] [--plot docs/auto_curve.png]
+    python benchmarks/auto_quality.py [--target blackwell] [--bits 5,6,...] [--json out.json] [--plot PNG]
     python benchmarks/auto_quality.py --from-json a.json,b.json --plot docs/auto_curve.png   # redraw only
 """
 from __future__ import annotations

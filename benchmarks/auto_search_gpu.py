@@ -47,7 +47,8 @@ def build_calibration(path: str, shapes: dict[str, tuple[int, int]], hessian: bo
     layout = {}
     for layer, (n, k) in shapes.items():
         layout[layer] = {"input_absmax": (k,), "input_mean_sq": (k,), "input_mean": (k,), "n_tokens": (),
-                         "input_sample": (SAMPLE_ROWS, k), "output_gain": (n,), **({"hessian": (k, k)} if hessian else {})}
+                         "input_sample": (SAMPLE_ROWS, k), "output_gain": (n,),
+                         **({"hessian": (k, k)} if hessian else {})}
     device = "cuda" if torch.cuda.is_available() else "cpu"
 
     def produce(layer: str) -> InputStats:

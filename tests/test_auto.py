@@ -165,7 +165,8 @@ def test_more_bits_give_less_predicted_noise_and_a_large_budget_keeps_every_laye
                         calibration_data=model["calib"]).report.auto
         figures.append(auto.noise_db())
     assert figures == sorted(figures) and figures[-1] > figures[0] + 10, figures
-    result = _convert(model, "keep.safetensors", auto_bits=16.0, target_gpu="blackwell", calibration_data=model["calib"])
+    result = _convert(model, "keep.safetensors", auto_bits=16.0, target_gpu="blackwell",
+                      calibration_data=model["calib"])
     assert not _formats(result.output)  # BF16 source: 16 bits hold every layer unquantized, the least error
     assert all(c.options[c.chosen].name == "keep" for c in result.report.auto.layers)
     assert any("unquantized" in n for n in result.notes)

@@ -239,7 +239,8 @@ class AutoChoice:
             return x if x is None or math.isfinite(x) else ("inf" if x > 0 else "-inf")
         return {
             "target_gpu": self.target, "emulated_on": self.emulated_on, "measured_on": self.basis,
-            "asked": self.asked, "budget_bytes": self.budget_bytes, "budget_bits_per_weight": self.bits(self.budget_bytes),
+            "asked": self.asked, "budget_bytes": self.budget_bytes,
+            "budget_bits_per_weight": self.bits(self.budget_bytes),
             "budget_gb": (self.budget_bytes + self.fixed_bytes) / 1e9,
             "chosen_bytes": self.chosen_bytes(), "chosen_bits_per_weight": self.bits(self.chosen_bytes()),
             "file_gb": None if self.file_bytes is None else self.file_bytes / 1e9,
@@ -408,7 +409,7 @@ def _budget(reader, plan: Plan, layers: list[LayerChoice], auto) -> tuple[int, i
         info = reader.info(d.key)  # every other tensor is written as it is
         entries.append((d.key, info.dtype, info.shape))
         other += info.nbytes
-    for i, c in enumerate(layers):  # every option's tensors (distinct names): the header's upper bound
+    for c in layers:  # every option's tensors (distinct names): the header's upper bound
         info = reader.info(c.decision.key)
         for o in c.options:
             tensors = [(c.decision.key, info.dtype, info.shape)] if o.format is None else \
