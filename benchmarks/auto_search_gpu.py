@@ -2,9 +2,9 @@
 
 Builds the synthetic bf16 Flux-shaped checkpoint of benchmarks/bench.py (19 double + 38 single blocks by default:
 11.9 B parameters, 23.8 GB) and, with `--calibration samples` (the default), a calibration file marked as recorded
-with what the chooser reads per layer: input moments, 128 input rows (bf16) and output gains — no Hessians (a
-Flux-dev file with them is ~18 GB; `--calibration hessian` writes them, for `--method gptq`). Then, each through the
-library on `--device` (CUDA when present):
+with what the chooser reads per layer: input moments, 128 input rows (bf16) and output gains — no Hessians (0.5 GB
+for Flux-dev; with Hessians, `--calibration hessian` for `--method gptq`, it would be 68 GB: use `--size-gb 6`, 17 GB).
+Then, each through the library on `--device` (CUDA when present):
 
 1. a uniform conversion (`--uniform nvfp4`): the reference time;
 2. the automatic one (`--auto-bits B --target-gpu T`), timing the search (the measuring pass over every layer's
