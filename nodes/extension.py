@@ -4,12 +4,13 @@ from comfy_api.latest import ComfyExtension
 from .capture import CaptureCLIP, CaptureModel, SaveCalibration
 from .graph import PlanFromCLIP, PlanFromModel
 from .output import SaveQuantized, VerifyQuantized
-from .quantize import QuantizeFP8, QuantizeINT4, QuantizeINT8, QuantizeMXFP8, QuantizeNVFP4
+from .quantize import QuantizeAuto, QuantizeFP8, QuantizeINT4, QuantizeINT8, QuantizeMXFP8, QuantizeNVFP4
 from .source import LoadSafetensors, MergeLoRA
 from .transform import SmoothQuant
 
-NODES = [LoadSafetensors, PlanFromModel, PlanFromCLIP, MergeLoRA, SmoothQuant, QuantizeINT8, QuantizeINT4, QuantizeFP8, QuantizeNVFP4, QuantizeMXFP8,
-         SaveQuantized, VerifyQuantized, CaptureModel, CaptureCLIP, SaveCalibration]
+NODES = [LoadSafetensors, PlanFromModel, PlanFromCLIP, MergeLoRA, SmoothQuant, QuantizeINT8, QuantizeINT4, QuantizeFP8,
+         QuantizeNVFP4, QuantizeMXFP8, QuantizeAuto, SaveQuantized, VerifyQuantized, CaptureModel, CaptureCLIP,
+         SaveCalibration]
 NODES_BY_ID = {node.GET_SCHEMA().node_id: node for node in NODES}
 
 

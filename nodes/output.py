@@ -143,6 +143,7 @@ def conversion_report(result, display: str, plan: QuantRecipe) -> dict:
         "output_sqnr_basis": result.report.output_basis(),  # "held-out", "in-sample", "mixed" or None
         "method_layers": result.report.to_json()["method_layers"],  # kept vs round-to-nearest (JSON-safe)
         "runtime": result.report.to_json()["runtime"],  # per GPU class: as computed vs weights only (JSON-safe)
+        "auto": result.report.to_json().get("auto"),  # Quantize Auto: every layer's choice, predicted and measured
         "layers": [_layer(s, result.report.threshold_of(s)) for s in layers],
         "verify": _verify_dict(verification),
         "lora": None if result.lora is None else result.lora.summary(),

@@ -255,3 +255,47 @@ def _nvfp4(**rest) -> dict:
 
 def _mxfp8(**rest) -> dict:
     return dict(rest, format="mxfp8")
+
+
+BUDGET_UNITS = {"bits per weight": "auto_bits", "file GB": "auto_size_gb"}
+
+
+class QuantizeAuto(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return _schema("QuantCoreQuantizeAuto", "Quantize Auto (mixed precision)", "Every layer gets its own format "
+                       "(or stays in BF16), chosen from measurements: the least output error, as the target GPU "
+                       "computes it, that fits the size budget. With a calibration file the errors are measured on "
+                       "its recorded inputs (and weighed by its output gains when it has them); without one, on the "
+                       "weight error. The report lists each layer's format, predicted and measured error.", [
+            io.Float.Input("budget", default=6.0, min=0.0, max=1e6, step=0.1,
+                           tooltip="The size budget: average stored bits per weight of the quantized layers (scales "
+                                   "included; BF16 = 16, NVFP4 = 4.5, INT8 ≈ 8), or the whole file's size in GB, as "
+                                   "budget_unit says."),
+            io.Combo.Input("budget_unit", options=list(BUDGET_UNITS), default="bits per weight",
+                           tooltip="bits per weight: --auto-bits; file GB: --auto-size-gb (10^9 bytes)."),
+            setting_input("target_gpu", tooltip="The GPU class the file is made for: which formats may be chosen "
+                                                "(those it runs with native kernels) and whose computation the errors "
+                                                "are measured as. " + quant_core.SETTINGS["target_gpu"][0].help
+                                                .split(". ", 1)[1]),
+            io.Combo.Input("convrot_group_size", options=CONVROT_GROUPS,
+                           default=str(quant_core.SETTINGS["convrot_group_size"][1]),
+                           tooltip="Block size of the rotated candidates (INT8 ConvRot, INT4): a power of 4; layers "
+                                   "whose input width it does not divide do not get those formats."),
+        ])
+
+    @classmethod
+    def validate_inputs(cls, **inputs):
+        return _validate(_auto, **inputs)
+
+    @classmethod
+    def execute(cls, plan, **inputs) -> io.NodeOutput:
+        return _execute(_auto, plan, **inputs)
+
+
+def _auto(budget, budget_unit, target_gpu, convrot_group_size, **rest) -> dict:
+    _choice("budget_unit", budget_unit, list(BUDGET_UNITS))
+    _choice("convrot_group_size", str(convrot_group_size), CONVROT_GROUPS)
+    _choice("target_gpu", target_gpu, list(quant_core.SETTINGS["target_gpu"][0].choices))
+    return dict(rest, format=quant_core.SETTINGS["format"][1], target_gpu=target_gpu,
+                convrot_group_size=int(convrot_group_size), **{BUDGET_UNITS[budget_unit]: budget})

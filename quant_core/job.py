@@ -20,6 +20,7 @@ from .quantization.formats.int8 import is_power_of_4
 from .quantization.methods import METHODS
 from .quantization.runtime import AUTO_CLASS, RUNTIME_GPUS, TEXT_ENCODER_PRESETS
 from .select.layer_config import load_layer_config
+from .select.auto import TARGET_GPUS, TARGETS, target_help
 from .select.presets import PRESETS
 from .select.rules import compile_regex
 
@@ -42,11 +43,20 @@ def _block_scaling(settings: dict) -> str | None:
     return "applies to --scaling_mode block (int8, fp8) or to rules of --layer-config"
 
 
+def _auto(settings: dict) -> bool:
+    return settings.get("auto_bits") is not None or settings.get("auto_size_gb") is not None
+
+
+def _auto_formats(settings: dict) -> tuple:
+    return TARGETS[settings.get("target_gpu", "any")].formats if _auto(settings) else ()
+
+
 def _rotation(settings: dict) -> str | None:
     if settings["convrot"] or settings.get("quip_store_transformed") or settings["layer_config"] or \
-            settings["format"] == "int4":
+            settings["format"] == "int4" or {"int8_convrot", "int4"} & set(_auto_formats(settings)):
         return None
-    return "applies with --convrot, --quip-store-transformed, --format int4 or rules of --layer-config"
+    return ("applies with --convrot, --quip-store-transformed, --format int4, rules of --layer-config or an "
+            "--auto-bits/--auto-size-gb target with rotated formats")
 
 
 def _int8_rotation(settings: dict) -> str | None:
@@ -56,8 +66,8 @@ def _int8_rotation(settings: dict) -> str | None:
 
 
 def _int4(settings: dict) -> str | None:
-    return None if settings["format"] == "int4" or settings["layer_config"] else \
-        "applies to --format int4 or to int4 rules of --layer-config"
+    return None if settings["format"] == "int4" or settings["layer_config"] or "int4" in _auto_formats(settings) else \
+        "applies to --format int4, to int4 rules of --layer-config or to an --auto-bits/--auto-size-gb target with int4"
 
 
 @dataclass
@@ -215,6 +225,8 @@ class DeviceSettings:
 def _runtime_varies(settings: dict) -> str | None:
     """--runtime-gpu acts only where ComfyUI computes a format differently by GPU class (docs/RUNTIME.md)."""
     fmt, scaling = settings["format"], _resolved_scaling(settings)
+    if _auto(settings):
+        return "has no effect with --auto-bits/--auto-size-gb: the report emulates --target-gpu's class"
     encoders = [p for p in settings["presets"] if p in TEXT_ENCODER_PRESETS]
     if encoders:
         return (f"has no effect with --{encoders[0]}: ComfyUI computes text encoders with the dequantized weights on "
@@ -249,9 +261,33 @@ class OutputSettings:
     progress: bool = option(True, "--no-progress", inverted=True, help="no progress bar")
 
 
+def _auto_given(settings: dict) -> str | None:
+    return None if _auto(settings) else "applies with --auto-bits or --auto-size-gb"
+
+
+@dataclass
+class AutoSettings:
+    """Automatic mixed precision: every layer's format chosen from measurements under a size budget (docs/AUTO.md)."""
+
+    auto_bits: float | None = option(
+        None, "--auto-bits", kind=float, low=0.5, metavar="BITS",
+        help="choose each layer's format (or keep it) for the least output error as computed on --target-gpu, with "
+             "at most BITS stored bits per weight on average over the selected layers (scales and markers included)")
+    auto_size_gb: float | None = option(
+        None, "--auto-size-gb", kind=float, low=0.0, metavar="GB",
+        help="as --auto-bits, with the whole output file at most GB (10^9 bytes)")
+    target_gpu: str = option("any", "--target-gpu", choices=TARGET_GPUS, needs=_auto_given,
+                             help="the GPU class the file is made for: which formats --auto-bits/--auto-size-gb may "
+                                  "choose, and whose computation the errors are measured as. " + target_help())
+
+    @property
+    def active(self) -> bool:
+        return self.auto_bits is not None or self.auto_size_gb is not None
+
+
 SECTIONS = {"quantize": QuantizeSettings, "select": SelectSettings, "calibration": CalibrationSettings,
             "smoothquant": SmoothQuantSettings, "lora": LoraSettings, "device": DeviceSettings,
-            "output": OutputSettings}  # Job attribute → the stage's config record
+            "output": OutputSettings, "auto": AutoSettings}  # Job attribute → the stage's config record
 STAGES = tuple(SECTIONS.values())
 METHOD_CONFIGS = tuple(dict.fromkeys(e.config_class for e in METHODS.values() if e.config_class is not None))
 
@@ -277,6 +313,7 @@ class Job:
     lora: LoraSettings = field(default_factory=LoraSettings)
     device: DeviceSettings = field(default_factory=DeviceSettings)
     output: OutputSettings = field(default_factory=OutputSettings)
+    auto: AutoSettings = field(default_factory=AutoSettings)
 
     @classmethod
     def build(cls, settings: dict | None = None, given=None) -> "Job":
@@ -363,6 +400,7 @@ def _check_job(job: Job) -> None:
     if unknown:
         raise QuantError(f"unknown preset {unknown[0]!r} (choose from {', '.join(PRESETS)})")
     _check_calibration(job)
+    _check_auto(job)
     _check_loras(job.lora.loras)
     if job.method_config is not None and hasattr(job.method_config, "validate"):
         job.method_config.validate()
@@ -372,6 +410,34 @@ def _check_calibration(job: Job) -> None:
     if job.smoothquant.smoothquant and job.method in ("gptq", "quip"):
         raise QuantError(f"--smoothquant with --optimizer {job.method}: the calibration Hessian describes the "
                          "unsmoothed inputs; use one of the two")
+
+
+def _check_auto(job: Job) -> None:
+    """--auto-bits/--auto-size-gb choose every selected layer's format: settings that choose formats themselves, or
+    that the chooser cannot measure, are refused. The report then emulates the target's GPU class."""
+    auto, q = job.auto, job.quantize
+    if not auto.active:
+        return
+    if auto.auto_bits is not None and auto.auto_size_gb is not None:
+        raise QuantError("--auto-bits and --auto-size-gb are two budgets; give one")
+    conflicts = [(job.select.layer_config is not None, "--layer-config (auto chooses every layer's format; keep "
+                  "layers with --exclude-layers)"),
+                 (q.format != SETTINGS["format"][1], f"--format {q.format} (--target-gpu decides the formats)"),
+                 (q.scaling_mode is not None, "--scaling_mode (each candidate format uses its default scaling)"),
+                 (q.convrot, "--convrot (ConvRot INT8 is a candidate of its own)"),
+                 (getattr(job.method_config, "quip_store_transformed", False), "--quip-store-transformed (the "
+                  "candidates decide how each layer is stored; ConvRot INT8 is one of them)"),
+                 (job.calibration.static_activations, "--static-activations (the chooser measures dynamic "
+                  "activation scales)"),
+                 (job.smoothquant.smoothquant, "--smoothquant (the chooser measures the unsmoothed layers)")]
+    for conflict, what in conflicts:
+        if conflict:
+            raise QuantError(f"{_auto_flag(auto)} cannot be combined with {what}")
+    job.output.runtime_gpu = TARGETS[auto.target_gpu].emulated
+
+
+def _auto_flag(auto: AutoSettings) -> str:
+    return "--auto-bits" if auto.auto_bits is not None else "--auto-size-gb"
 
 
 def _check_loras(loras: tuple) -> None:

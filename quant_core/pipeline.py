@@ -50,6 +50,8 @@ class ConvertResult:
 def default_output_name(input_path: str, job: Job) -> str:
     """`<stem>_<method>_<format label>.safetensors` next to the input ("simple" = round-to-nearest)."""
     stem = os.path.splitext(input_path)[0]
+    if job.auto.active:
+        return f"{stem}_{'simple' if job.method == 'rtn' else job.method}_auto_{job.auto.target_gpu}.safetensors"
     if job.quantize.format == "fp16":
         return f"{stem}_fp16.safetensors"
     method = "simple" if job.method == "rtn" else job.method
@@ -63,7 +65,9 @@ def convert(source, output_path: str | None, job: Job,
     file on any failure.
 
     `on_layer(done, total)` is called after each layer is written (done counts layers, 1…total) and once with
-    (0, total) before the first; it may raise to stop the conversion (ComfyUI's interrupt), which leaves no file."""
+    (0, total) before the first; it may raise to stop the conversion (ComfyUI's interrupt), which leaves no file.
+    With --auto-bits/--auto-size-gb it is first called after each layer of the measuring pass (total: the layers
+    measured)."""
     start = time.perf_counter()
     device = pick_device(job.device)
     on_cuda = device.type == "cuda" and torch.cuda.is_available()
@@ -83,12 +87,15 @@ def convert(source, output_path: str | None, job: Job,
         calibration = _calibration(reader, plan, job)
         extras = _calibration_extras(reader, plan, job, merger)
         try:
+            auto = _auto_choice(reader, plan, job, calibration, merger, extras, on_layer)
             result = _stream(reader, plan, output_path, job, device, merger, calibration, extras, on_layer)
         finally:
             calibration.close()
         result.input_bytes = source_bytes(reader)
     result.seconds = time.perf_counter() - start
     result.output_bytes = os.path.getsize(result.output)
+    if auto is not None:
+        auto.attach(result.report, result.output_bytes)
     if on_cuda:
         result.peak_gpu_bytes = torch.cuda.max_memory_allocated(device)
     if job.output.report_path:
@@ -97,6 +104,16 @@ def convert(source, output_path: str | None, job: Job,
             "peak_gpu_bytes": result.peak_gpu_bytes, "notes": result.notes,
             "kept": {d.key: d.reason for d in plan.of(KEEP) if d.reason}})
     return result
+
+
+def _auto_choice(reader: SafetensorsReader, plan: Plan, job: Job, calibration: LayerCalibration, merger,
+                 extras: "CalibrationExtras", on_layer=None):
+    """--auto-bits / --auto-size-gb: every selected layer's format chosen from measurements and written into the plan
+    (select/auto.py); None otherwise."""
+    if not job.auto.active:
+        return None
+    from .select.auto import choose_formats
+    return choose_formats(reader, plan, job, calibration, _transform_chain(merger, extras), extras.notes, on_layer)
 
 
 def _write_report(result: ConvertResult, job: Job, extra: dict) -> None:

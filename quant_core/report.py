@@ -114,6 +114,7 @@ class QualityReport:
         self.layers = sorted(layers, key=lambda s: s.sqnr_db)  # worst first
         self.threshold_db = threshold_db  # one level for every layer; None: each layer's format's own
         self.method = method  # the method asked for; its per-layer outcome against RTN is counted in the summary
+        self.auto = None  # select.auto.AutoChoice of an --auto-bits / --auto-size-gb run
 
     def threshold_of(self, s: LayerStats) -> float:
         """The SQNR (dB) under which layer `s` is flagged."""
@@ -135,11 +136,12 @@ class QualityReport:
 
     def summary(self) -> str:
         if not self.layers:
-            return "quality: no quantized layers"
+            return "quality: no quantized layers" + (f"; {self.auto.summary()}" if self.auto is not None else "")
         worst = self.layers[0]
         line = (f"quality: {len(self.layers)} layers, mean SQNR {self.mean_sqnr():.1f} dB, worst {worst.sqnr_db:.1f} dB "
                 f"({worst.layer}), {len(self.below_threshold())} below {self.threshold_text()}")
-        return line + self.output_summary() + self.runtime_summary() + self.method_summary()
+        auto = f"; {self.auto.summary()}" if self.auto is not None else ""
+        return line + self.output_summary() + self.runtime_summary() + self.method_summary() + auto
 
     def runtime_groups(self) -> dict[str, dict]:
         """Per GPU class of the run-time figures: layers measured as computed (activations quantized), their mean
@@ -275,7 +277,7 @@ class QualityReport:
         return {"summary": self.summary(), "threshold_db": self.threshold_db, "mean_sqnr_db": _finite(self.mean_sqnr()),
                 "output_sqnr_basis": self.output_basis(), "method_layers": _json_safe(self.method_counts()),
                 "runtime": _json_safe(self.runtime_groups()), "layers": [_layer_json(s) for s in self.layers],
-                **(extra or {})}
+                **({"auto": self.auto.to_json()} if self.auto is not None else {}), **(extra or {})}
 
 
 def _layers(n: int) -> str:

@@ -72,6 +72,10 @@ CASES = {
     "learned-nvfp4": (["--nvfp4", "--optimizer", "original"], ["--expect-format", "nvfp4"]),
     "fp8-static-activations": (["--fp8", "--static-activations", "--calibration-data", "{calib}"],
                                ["--expect-format", "float8_e4m3fn", "--expect-input-scale"]),
+    # automatic mixed precision: several formats (and kept layers) in one file
+    "auto-blackwell": (["--auto-bits", "6", "--target-gpu", "blackwell", "--calibration-data", "{calib}"], []),
+    "auto-ampere-gptq": (["--auto-bits", "7", "--target-gpu", "ampere", "--optimizer", "gptq", "--calibration-data",
+                          "{calib}", "--convrot-group-size", "64"], []),
 }
 
 
@@ -146,6 +150,12 @@ def test_comfyui_loads_and_runs(case, flux_src, flux_calib, comfy_env, tmp_path)
     print(conv.stdout + conv.stderr)
     assert conv.returncode == 0, f"quant_core failed ({conv.returncode}):\n{conv.stdout}\n{conv.stderr}"
     assert os.path.isfile(out)
+    if case.startswith("auto"):  # the point of these cases: one file, several formats
+        from quant_core.dequantize import quantized_layers
+        from quant_core.io.reader import SafetensorsReader
+        with SafetensorsReader(out) as reader:
+            formats = {(c["format"], c.get("convrot_groupsize")) for c in quantized_layers(reader).values()}
+        assert len(formats) >= 2, formats
 
     chk = subprocess.run([COMFY_PY, CHECK, out, flux_src, "--unet", "require", *expect],
                          cwd=TESTS, env=comfy_env, capture_output=True, text=True, timeout=600)

@@ -158,6 +158,28 @@ def test_int4_workflow_saves_a_file_that_comfyui_loads(server):
         assert "RESULT: OK" in check.stdout, check.stdout[-3000:] + check.stderr[-2000:]
 
 
+def test_quantize_auto_workflow_saves_a_mixed_file_that_comfyui_loads(server):
+    prompt = example("flux_int8.json")
+    inputs = {k: v for k, v in prompt["2"]["inputs"].items() if k not in ("scaling", "convrot", "quip_convrot_storage")}
+    prompt["2"] = {"class_type": "QuantCoreQuantizeAuto", "inputs": dict(
+        inputs, budget=6.0, budget_unit="bits per weight", target_gpu="blackwell", convrot_group_size="256")}
+    prompt["3"]["inputs"]["filename_prefix"] = "quantized/flux1-dev_auto"
+    run = server.run(prompt)
+    keep_transcript(run, "flux_auto_api")
+    assert run.status == 200 and run.end == "execution_success", run.transcript()
+    report = run.history["outputs"]["3"]["quant_report"][0]
+    assert report["verify"]["ok"] is True and len(report["formats"]) >= 2, report["formats"]
+    assert report["auto"]["chosen_bits_per_weight"] <= 6.0 and len(report["auto"]["layers"]) == 26
+    path = saved_path(run, "3")
+    assert quant_core.verify(path).ok
+    if server.python != sys.executable:  # a newer ComfyUI loads the mixed file with its own UNET loader code
+        check = subprocess.run([server.python, str(ROOT / "tests" / "comfyui_check.py"), path,
+                                str(server.models("diffusion_models") / MODEL), "--unet", "require"], cwd=ROOT / "tests",
+                               env=dict(os.environ, PYTHONPATH=os.pathsep.join([str(server.tree), *server.stub_paths()])),
+                               capture_output=True, text=True)
+        assert "RESULT: OK" in check.stdout, check.stdout[-3000:] + check.stderr[-2000:]
+
+
 def test_example_fp8_lora_workflow(server):
     run = server.run(example("flux_fp8_lora.json"))
     keep_transcript(run, "flux_fp8_lora_api")

@@ -90,6 +90,8 @@ CASES = {
     "--quality-threshold": (["--quality-threshold", "99"], []), "--report": (["--report", "{dir}/r.json"], []),
     "--runtime-gpu": (["--runtime-gpu", "hopper"], ["--int4", "--convrot-group-size", "64"]),
     "--overwrite": (["--overwrite"], []), "--no-progress": (["--no-progress"], []),
+    "--auto-bits": (["--auto-bits", "10"], []), "--auto-size-gb": (["--auto-size-gb", "0.001"], []),
+    "--target-gpu": (["--target-gpu", "blackwell"], ["--auto-bits", "10"]),
     "--gptq-damp": (["--gptq-damp", "0.9"], GPTQ + CAL), "--gptq-block-size": (["--gptq-block-size", "8"], GPTQ + CAL),
     "--scale-search": (["--no-scale-search"], GPTQ + CAL), "--gptq-actorder": (["--no-gptq-actorder"], GPTQ + CAL),
     "--quip-seed": (["--quip-seed", "3"], QUIP + CAL), "--quip-hadamard": (["--no-quip-hadamard"], QUIP + CAL),

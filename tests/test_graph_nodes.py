@@ -338,3 +338,17 @@ def test_merge_lora_and_a_layer_config_work_on_a_graph_plan(nodes, pack, patched
     tensors, _ = read(tmp_path / "o.safetensors")
     assert tensors["double_blocks.0.img_mod.lin.weight"].dtype == torch.float32  # kept, as the model holds it
     assert "double_blocks.0.img_mod.lin.comfy_quant" not in tensors and "single_blocks.0.linear2.comfy_quant" in tensors
+
+
+def test_auto_mixed_precision_on_a_graph_plan(nodes, pack, patched_model, tmp_path):
+    """Quantize Auto's settings on the graph's patched model: the measuring pass sees the same unrounded weights as
+    the conversion, so every layer's measured error is its predicted one."""
+    plan = plan_of(nodes, patched_model).with_quantize(auto_bits=6.0, target_gpu="blackwell")
+    result = pack.quant_core.convert(plan.open_source(), str(tmp_path / "auto.safetensors"),
+                                     plan.job(verify="full", progress=False))
+    assert result.verify.ok
+    chosen = result.report.auto.to_json()
+    assert chosen["chosen_bits_per_weight"] <= 6.0 and len(chosen["layers"]) == 13
+    assert len({layer["format"] for layer in chosen["layers"]}) >= 2, chosen["layers"]  # a mix, under the budget
+    for layer in chosen["layers"]:
+        assert abs(layer["measured_db"] - layer["predicted_db"]) < 0.01, layer

@@ -67,6 +67,9 @@ def tiny_lora(dirs, name="tiny_lora.safetensors"):
     return f"loras/{name}", tensors
 
 
+AUTO = dict(budget=6.0, budget_unit="bits per weight", target_gpu="blackwell", convrot_group_size="64")
+
+
 def quant_inputs(**changes):
     return dict(dict(method="rtn", calibration="synthetic", bias_correction=True, gptq_damp=0.1, preset="none",
                      exclude_layers="", keep_io_layers=True, full_precision_matrix_mult=False, layer_config=""),
@@ -94,7 +97,7 @@ def test_v3_registration_only(pack):
     ids = [n.GET_SCHEMA().node_id for n in nodes]
     assert set(ids) >= {"QuantCoreLoadSafetensors", "QuantCoreMergeLoRA", "QuantCoreQuantizeINT8",
                         "QuantCoreQuantizeFP8", "QuantCoreQuantizeNVFP4", "QuantCoreQuantizeMXFP8",
-                        "QuantCoreSaveQuantized", "QuantCoreVerifyQuantized"}
+                        "QuantCoreQuantizeAuto", "QuantCoreSaveQuantized", "QuantCoreVerifyQuantized"}
     assert len(set(ids)) == len(ids) and all(i.startswith("QuantCore") for i in ids)
 
 
@@ -160,6 +163,10 @@ def test_fingerprint_changes_when_the_file_changes(pack, comfy_dirs):
     ("QuantCoreQuantizeMXFP8", dict(preset="nosuchpreset"), "unknown preset"),
     ("QuantCoreQuantizeNVFP4", dict(calibration="quant_calibration/../x.safetensors"), "no such file"),
     ("QuantCoreQuantizeFP8", dict(fp8_type="e4m3fn", gptq_damp=float("nan")), "--gptq-damp"),
+    ("QuantCoreQuantizeAuto", dict(AUTO, layer_config='{"rules": [{"match": "x", "skip": true}]}'), "--layer-config"),
+    ("QuantCoreQuantizeAuto", dict(AUTO, budget_unit="furlongs"), "budget_unit"),
+    ("QuantCoreQuantizeAuto", dict(AUTO, budget=0.2), "--auto-bits must be"),
+    ("QuantCoreQuantizeAuto", dict(AUTO, target_gpu="volta"), "target_gpu"),
 ])
 def test_quantize_nodes_refuse_bad_settings_in_validation_and_execute(pack, comfy_dirs, node_id, inputs, expected):
     cls = node(pack, node_id)
@@ -169,6 +176,26 @@ def test_quantize_nodes_refuse_bad_settings_in_validation_and_execute(pack, comf
     plan = node(pack, "QuantCoreLoadSafetensors").execute(model=tiny_model(comfy_dirs))[0]
     with pytest.raises(ValueError, match=expected.replace("(", r"\(")):  # old servers skip validation
         cls.execute(plan=plan, **all_inputs)
+
+
+def test_quantize_auto_saves_a_mixed_file_within_its_budget_with_the_choice_in_the_report(pack, comfy_dirs):
+    from quant_core.dequantize import quantized_layers
+    from quant_core.io.reader import SafetensorsReader
+    model = tiny_model(comfy_dirs)
+    size = os.path.getsize(comfy_dirs["diffusion_models"] / "tiny_flux.safetensors")
+    for unit, budget in (("bits per weight", 6.0), ("file GB", 0.4 * size / 1e9)):
+        out = run_chain(pack, model, quantize="QuantCoreQuantizeAuto", fmt_inputs=dict(AUTO, budget_unit=unit,
+                                                                                        budget=budget))
+        report = out.ui["quant_report"][0]
+        assert report["verify"]["ok"] and report["auto"]["target_gpu"] == "blackwell"
+        with SafetensorsReader(out.args[0]) as reader:
+            formats = {conf["format"] for conf in quantized_layers(reader).values()}
+        assert len(formats) >= 2 and formats <= {"nvfp4", "mxfp8", "float8_e4m3fn", "int8_tensorwise"}, formats
+        assert len(report["auto"]["layers"]) == 26 and "measured after writing" in report["summary"]
+        if unit == "bits per weight":
+            assert report["auto"]["chosen_bits_per_weight"] <= 6.0
+        else:
+            assert os.path.getsize(out.args[0]) <= budget * 1e9
 
 
 def test_one_quantize_node_per_chain(pack, comfy_dirs):

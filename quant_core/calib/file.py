@@ -4,7 +4,9 @@ Besides the keys of §4 this project writes two optional ones (README "Calibrati
 (fp32 [K], E[x], for bias correction), `<layer>.heldout_hessian` (fp32 [K,K], E[x xᵀ] over tokens the methods do
 not see) and `<layer>.heldout_mean` (fp32 [K]), for the report's held-out output SQNR, and `<layer>.input_sample` /
 `<layer>.heldout_input_sample` (bf16 [S, K], a uniform sample of the rows) for the run-time (activation-quantized)
-figures. Readers that do not know them ignore them.
+figures, and `<layer>.output_gain` (fp32 [N], how much of the layer's output noise reaches the model's output:
+`calib.record.record_output_gains`) for the automatic chooser (`select/auto.py`). Readers that do not know them
+ignore them.
 """
 from __future__ import annotations
 
@@ -25,7 +27,7 @@ SUFFIXES = {  # statistic suffix → InputStats field
     "input_absmax": "absmax", "input_mean_sq": "mean_sq", "hessian": "hessian", "input_mean": "mean",
     "heldout_hessian": "heldout_hessian", "heldout_mean": "heldout_mean", "input_scale": "input_scale", "n_tokens": "n_tokens",
     "heldout_mean_sq": "heldout_mean_sq", "heldout_n_tokens": "heldout_n_tokens",
-    "input_sample": "input_sample", "heldout_input_sample": "heldout_input_sample",
+    "input_sample": "input_sample", "heldout_input_sample": "heldout_input_sample", "output_gain": "output_gain",
 }
 COUNTS = ("n_tokens", "heldout_n_tokens")  # integer statistics (I64 scalars)
 SAMPLES = ("input_sample", "heldout_input_sample")  # rows [S, K], stored as BF16 (all other statistics: F32)
@@ -213,7 +215,10 @@ def _build(values: dict, layer: str, k: int | None, path: str) -> InputStats:
         value = value.float()  # F64 values beyond the F32 range become inf here: checked below
         if not bool(torch.isfinite(value).all()):
             raise QuantError(f"{where}: {field} must hold finite floating-point values")
-        if field in ("absmax", "mean_sq", "input_scale", "heldout_mean_sq") and bool((value < 0).any()):
+        if field == "output_gain" and value.dim() != 1:
+            raise QuantError(f"{where}: output_gain has shape {list(value.shape)}, expected [N] (one value per output "
+                             "channel of the layer)")
+        if field in ("absmax", "mean_sq", "input_scale", "heldout_mean_sq", "output_gain") and bool((value < 0).any()):
             raise QuantError(f"{where}: {field} has negative values")
         values[field] = value
     if "mean_sq" not in values:

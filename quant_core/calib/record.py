@@ -54,3 +54,53 @@ def record_activation_stats(module: torch.nn.Module, run_fn: Callable[[], object
         stats = acc.result()
         out[name] = merge_heldout(stats, held[name].result()) if name in held else stats
     return out
+
+
+def record_output_gains(module: torch.nn.Module, run_fn: Callable[[Callable[[torch.Tensor], None]], object],
+                        seed: int = 0) -> tuple[dict[str, torch.Tensor], float]:
+    """How much noise added to each Linear layer's output reaches the model's output Y, to first order: per layer
+    and output channel n, gain_n = mean over tokens of (∂⟨v, Y⟩/∂y_n)² with v ~ N(0, I) drawn per run, so that
+    noise of per-token energy e_n in channel n adds Σ_n gain_n·e_n to E‖Y_t‖² (E_v (vᵀJ)² = ‖J‖²: one backward pass
+    per run measures every layer at once). `run_fn(probe)` runs the model with gradients enabled and calls
+    `probe(Y)` once per model run with its output [..., D] (padding removed). Returns (layer → gain [N], the mean
+    E‖Y_t‖² per token of Y). The module's parameters are left without gradients."""
+    sums: dict[str, torch.Tensor] = {}
+    handles = []
+    energy = [0.0, 0]  # Σ‖Y_t‖², tokens
+    generator = torch.Generator().manual_seed(seed)
+
+    def hook_for(name: str):
+        def hook(mod, inputs, output):
+            sums.setdefault(name, (torch.zeros(output.shape[-1]), 0))  # run, but no gradient may reach it: gain 0
+            if not output.requires_grad and output.is_floating_point():
+                output.requires_grad_(True)  # nothing before it needs gradients: the graph starts here
+            if output.requires_grad:
+                def on_grad(grad):
+                    g = grad.detach().reshape(-1, grad.shape[-1]).float()
+                    total, rows = sums[name]
+                    sums[name] = (total.to(g.device) + g.square().sum(0), rows + g.shape[0])
+                output.register_hook(on_grad)
+        return hook
+
+    def probe(y: torch.Tensor) -> None:
+        y = y.reshape(-1, y.shape[-1])
+        v = torch.randn(y.shape, generator=generator).to(y.device, y.dtype)
+        (y * v).sum().backward()
+        energy[0] += float(y.detach().float().square().sum())
+        energy[1] += y.shape[0]
+
+    for name, mod in module.named_modules():
+        if isinstance(mod, torch.nn.Linear):
+            handles.append(mod.register_forward_hook(hook_for(name)))
+    wanted = [p.requires_grad for p in module.parameters()]
+    module.requires_grad_(False)  # gradients flow through the activations only (no parameter gradients kept)
+    try:
+        with torch.enable_grad():
+            run_fn(probe)
+    finally:
+        for handle in handles:
+            handle.remove()
+        for p, w in zip(module.parameters(), wanted):
+            p.requires_grad_(w)
+    gains = {name: (total / max(rows, 1)).cpu() for name, (total, rows) in sums.items()}
+    return gains, energy[0] / max(energy[1], 1)

@@ -36,6 +36,8 @@ class InputStats:
     heldout_n_tokens: int | None = None  # rows of the held-out part (None: not recorded)
     input_sample: torch.Tensor | None = None  # [S, K] bf16, a uniform sample of the rows (S ≤ MAX_SAMPLE_ROWS)
     heldout_input_sample: torch.Tensor | None = None  # [S, K] bf16, the same over the held-out rows
+    output_gain: torch.Tensor | None = None  # [N] per output channel: mean over tokens of (∂⟨v, Y⟩/∂y_n)², v ~ N(0, I)
+    #                                          over the model output Y (calib.record.record_output_gains)
 
     @property
     def k(self) -> int:

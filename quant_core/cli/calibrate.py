@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 
 import torch
 from tqdm import tqdm
@@ -41,6 +42,9 @@ def build_parser():
                    help="store the [K,K] Hessian per layer (default on; layers with K > 16384 keep the diagonal only)")
     p.add_argument("--heldout-every", type=int, default=0, metavar="N",
                    help="send every N-th sample to held-out statistics (for the report's held-out output SQNR)")
+    p.add_argument("--output-gains", action=argparse.BooleanOptionalAction, default=None,
+                   help="with --hf-model: also record how much of each layer's output noise reaches the model's "
+                        "output (one backward pass per line; read by --auto-bits/--auto-size-gb; default on)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
@@ -52,17 +56,20 @@ def run_calibrate(argv: list[str]) -> int:
     if args.samples < 1 or args.heldout_every < 0 or args.heldout_every == 1:
         raise QuantError("--samples must be positive and --heldout-every 0 (off) or at least 2 (with 1 every "
                          "input would be held out and nothing left to fit)")
+    if args.output_gains is not None and not args.hf_model:
+        raise QuantError("--output-gains needs --hf-model (a model to run backwards)")
     progress = not args.no_progress
+    metadata = {"inputs": "recorded" if args.hf_model else "synthetic"}
     if args.hf_model:
-        stats = calibrate_transformers(args.input, args.hf_model, args.text, args.hessian, args.heldout_every, progress)
+        stats = calibrate_transformers(args.input, args.hf_model, args.text, args.hessian, args.heldout_every, progress,
+                                       gains_into=metadata if args.output_gains is not False else None)
         source = f"transformers {os.path.basename(os.path.normpath(args.hf_model))} on {os.path.basename(args.text)}"
     else:
         stats = calibrate_synthetic(args.input, args.samples, args.seed, args.hessian, args.heldout_every, progress)
         source = f"synthetic N(0, I), {args.samples} samples, seed {args.seed}"
     for layer_stats in stats.values():
         layer_stats.input_scale = layer_stats.absmax.max().reshape(()) / E4M3_MAX
-    save_calibration(args.output, stats, source, overwrite=args.overwrite,
-                     metadata={"inputs": "recorded" if args.hf_model else "synthetic"})
+    save_calibration(args.output, stats, source, overwrite=args.overwrite, metadata=metadata)
     tokens = max((s.n_tokens for s in stats.values()), default=0)
     print(f"wrote {args.output}: {len(stats)} layers, up to {tokens} tokens per layer ({source})")
     return 0
@@ -112,8 +119,11 @@ def calibrate_synthetic(path: str, samples: int, seed: int, hessian: bool, heldo
 
 
 def calibrate_transformers(path: str, model_dir: str, text_path: str, hessian: bool,
-                           heldout_every: int, progress: bool = False) -> dict[str, InputStats]:
-    """Run a transformers model (weights from `path`) on each line of `text_path`, recording Linear inputs."""
+                           heldout_every: int, progress: bool = False, gains_into: dict | None = None
+                           ) -> dict[str, InputStats]:
+    """Run a transformers model (weights from `path`) on each line of `text_path`, recording Linear inputs; with
+    `gains_into` (the file's header metadata) also each layer's output gain (a second pass, backwards from the
+    model's first output: `record_output_gains`), and the output's mean energy per token as `output_energy`."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     try:
         from transformers import AutoModel, AutoTokenizer
@@ -137,7 +147,30 @@ def calibrate_transformers(path: str, model_dir: str, text_path: str, hessian: b
             except Exception as e:  # noqa: BLE001 (any failure of a third-party model is one line for the user)
                 raise QuantError(f"--hf-model {model_dir}: the model failed on a text line "
                                  f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
-    return record_activation_stats(model, run, hessian=hessian, heldout_every=heldout_every)
+    stats = record_activation_stats(model, run, hessian=hessian, heldout_every=heldout_every)
+    if gains_into is not None:
+        _record_gains(model, forward, tokenizer, lines, stats, gains_into, progress)
+    return stats
+
+
+def _record_gains(model, forward, tokenizer, lines: list[str], stats: dict, metadata: dict, progress: bool) -> None:
+    from ..calib.record import record_output_gains
+
+    def run(probe):
+        for line in tqdm(lines, desc="output gains", unit="line", disable=not progress, dynamic_ncols=True):
+            batch = tokenizer(line, return_tensors="pt", truncation=True)
+            out = forward(**{k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "token_type_ids")})
+            probe(out[0] if isinstance(out, (tuple, list)) else out.last_hidden_state)
+    try:
+        gains, energy = record_output_gains(model, run)
+    except Exception as e:  # noqa: BLE001 (a model that cannot run backwards keeps its statistics, without gains)
+        print(f"note: output gains not recorded ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+              "--auto-bits will weigh the layers equally", file=sys.stderr)
+        return
+    for layer, gain in gains.items():
+        if layer in stats:
+            stats[layer].output_gain = gain
+    metadata["output_energy"] = repr(energy)
 
 
 def _load_transformers(model_dir: str, auto_model, auto_tokenizer):
@@ -171,7 +204,6 @@ def _load_weights(model, path: str, model_dir: str) -> None:
 
 
 def main() -> int:
-    import sys
     try:
         return run_calibrate(sys.argv[1:])
     except QuantError as e:

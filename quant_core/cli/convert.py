@@ -124,3 +124,5 @@ def print_result(result, job: Job) -> None:
     print(f"  {result.report.summary()}")
     if job.output.report_quality:
         print(result.report.table(limit=None))
+        if result.report.auto is not None:
+            print(result.report.auto.table())

@@ -119,6 +119,19 @@ def count_nonfinite(tensor: torch.Tensor) -> int:
     return 0 if math.isfinite(float(tensor.sum(dtype=torch.float32))) else int((~torch.isfinite(tensor)).sum())
 
 
+def layer_method(run: LayerRun, calibration: LayerCalibration, layer: str, stats):
+    """(method, evaluation, guard) for one layer: a method that needs statistics is round-to-nearest without real
+    ones (fitted to none or synthetic ones it is worse than RTN: METHODS.md); `evaluation` is what its codes are
+    measured on, and `guard` the comparison with RTN's codes (None for RTN itself)."""
+    method = run.method
+    if method.needs_stats and stats is None:
+        method = RoundToNearest()
+    evaluation = calibration.evaluation(layer, stats)
+    if evaluation is None and method.name != "rtn":
+        evaluation = weight_evaluation()  # learned rounding without real statistics: judged on the weight error
+    return method, evaluation, evaluation if method.name != "rtn" else None
+
+
 def quantize_layer(decision, tensor: torch.Tensor, writer, run: LayerRun, calibration: LayerCalibration,
                    allow_nonfinite: bool, input_scale: torch.Tensor | None = None):
     """Quantize and write one layer (`decision`: its `select.plan.Decision`). Returns (marker conf, stats), or
@@ -131,14 +144,9 @@ def quantize_layer(decision, tensor: torch.Tensor, writer, run: LayerRun, calibr
         writer.add(decision.key, tensor)
         return None, f"{bad} NaN/Inf values (--allow-nonfinite: kept in high precision)"
     stats, source_note = calibration.stats(decision.layer, tensor.shape[1])
-    method = run.method
-    if method.needs_stats and stats is None:  # fitted to no (or synthetic) statistics: worse than RTN (METHODS.md)
-        method = RoundToNearest()
+    method, evaluation, guard = layer_method(run, calibration, decision.layer, stats)
+    if method is not run.method:
         source_note = f"{source_note}: round-to-nearest"
-    evaluation = calibration.evaluation(decision.layer, stats)
-    if evaluation is None and method.name != "rtn":
-        evaluation = weight_evaluation()  # learned rounding without real statistics: judged on the weight error
-    guard = evaluation if method.name != "rtn" else None
     packed, weight, rebuilt, outcome = run.compute(decision, tensor, stats, method, guard)
     for suffix, value in packed.items():
         writer.add(f"{decision.layer}.{suffix}", value)
