@@ -106,6 +106,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     double, single = blocks_for_size(args.size_gb) if args.size_gb else map(int, args.blocks.split(","))
     shapes, _ = flux_layers(double, single)
+    if args.workdir:
+        os.makedirs(args.workdir, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=args.workdir) as workdir:
         model = os.path.join(workdir, "flux.safetensors")
         start = time.perf_counter()
