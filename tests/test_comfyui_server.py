@@ -159,11 +159,8 @@ def test_int4_workflow_saves_a_file_that_comfyui_loads(server):
 
 
 def test_quantize_auto_workflow_saves_a_mixed_file_that_comfyui_loads(server):
-    prompt = example("flux_int8.json")
-    inputs = {k: v for k, v in prompt["2"]["inputs"].items() if k not in ("scaling", "convrot", "quip_convrot_storage")}
-    prompt["2"] = {"class_type": "QuantCoreQuantizeAuto", "inputs": dict(
-        inputs, budget=6.0, budget_unit="bits per weight", target_gpu="blackwell", convrot_group_size="256")}
-    prompt["3"]["inputs"]["filename_prefix"] = "quantized/flux1-dev_auto"
+    prompt = example("flux_auto.json")  # Load Safetensors → Quantize Auto (6 bits per weight, Ada) → Save Quantized
+    prompt["2"]["inputs"]["target_gpu"] = "blackwell"  # NVFP4 among the candidates too
     run = server.run(prompt)
     keep_transcript(run, "flux_auto_api")
     assert run.status == 200 and run.end == "execution_success", run.transcript()
