@@ -129,4 +129,9 @@ def _source(kind: str, patcher, key_map, dtype: str, label: str, provenance: dic
     notes = ()
     if unsaved:
         notes = (f"not in the file (they change sampling but are not weights): {'; '.join(unsaved)}",)
+    low = patched.low_precision_weights(patcher, key_map)
+    if low:
+        provenance["held_in"] = low
+        notes += (f"the model holds {low}: layers are quantized from those values (load it with weight_dtype default "
+                  "to quantize from the original weights)",)
     return patched.PatchedSource(kind, patcher, tuple(key_map), patched.DTYPES[dtype], label, provenance, notes)

@@ -179,6 +179,18 @@ class comfy_errors:
         return False
 
 
+def low_precision_weights(patcher, key_map) -> str | None:
+    """'N weights in float8_e4m3fn' when the loader stored weights in fp8 (its weight_dtype), else None."""
+    import comfy.model_patcher
+    counts: dict[str, int] = {}
+    for _, key in key_map:
+        weight, _, _ = comfy.model_patcher.get_key_weight(patcher.model, key)
+        if weight.dtype in FP8:
+            name = str(weight.dtype).removeprefix("torch.")
+            counts[name] = counts.get(name, 0) + 1
+    return ", ".join(f"{n} weights in {dtype}" for dtype, n in counts.items()) or None
+
+
 def describe_patches(patcher, keys: set[str]) -> dict:
     """Weight patches by kind: how many tensors each kind touches and with which strengths."""
     kinds: dict[str, dict] = {}

@@ -352,3 +352,15 @@ def test_auto_mixed_precision_on_a_graph_plan(nodes, pack, patched_model, tmp_pa
     assert len({layer["format"] for layer in chosen["layers"]}) >= 2, chosen["layers"]  # a mix, under the budget
     for layer in chosen["layers"]:
         assert abs(layer["measured_db"] - layer["predicted_db"]) < 0.01, layer
+
+
+def test_a_model_held_in_fp8_says_so_and_keeps_its_unquantized_tensors_in_bf16(nodes, pack, heads_fix, tmp_path):
+    import comfy.sd
+    model = comfy.sd.load_diffusion_model_state_dict(tiny_flux_state_dict(hidden=256),
+                                                     model_options={"dtype": torch.float8_e4m3fn})
+    plan = plan_of(nodes, model)
+    assert any("float8_e4m3fn: layers are quantized from those values" in n for n in plan.notes), plan.notes
+    save(pack, plan.with_quantize(format="int8"), tmp_path / "o.safetensors")
+    tensors, meta = read(tmp_path / "o.safetensors")
+    assert "weights in float8_e4m3fn" in json.loads(meta["quant_core_source"])["held_in"]
+    assert tensors["img_in.weight"].dtype == torch.bfloat16  # a kept fp8 weight is written as bf16
