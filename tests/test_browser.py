@@ -76,3 +76,41 @@ def test_editor_workflow_renders_the_quality_chart(tmp_path):
 
 def workflow_nodes(workflow: dict) -> dict:
     return {str(n["id"]): n["type"] for n in workflow["nodes"]}
+
+
+EDITOR_EXAMPLES = ["flux_int8.json", "flux_fp8_lora.json", "t5xxl_nvfp4_smoothquant.json", "flux_capture_gptq.json",
+                   "clip_capture.json", "flux_loras_merge_int8.json", "flux_loras_merge_int8_reload.json",
+                   "flux_auto.json"]
+
+
+def test_every_editor_example_loads_and_exports_its_api_form(tmp_path):
+    """Each editor workflow, loaded by the real frontend, exports (graphToPrompt) exactly the API workflow committed
+    beside it: every node known, every link and widget value where the API form has it."""
+    sync_playwright = pytest.importorskip("playwright.sync_api").sync_playwright
+    exported = {}
+    with ComfyServer(TREE, tmp_path) as server:
+        server.post_json("/settings/Comfy.TutorialCompleted", True)
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+            page = browser.new_page(viewport={"width": 1600, "height": 1000})
+            page.goto(server.url)
+            page.wait_for_function("window.app && window.app.graph", timeout=120_000)
+            for name in EDITOR_EXAMPLES:
+                workflow = json.loads((ROOT / "example_workflows" / name).read_text())
+                page.evaluate("(wf) => app.loadGraphData(wf)", workflow)
+                exported[name] = page.evaluate("""async () => {
+                    const missing = app.graph._nodes.filter(n => n.has_errors || n.type === undefined ||
+                                                               !LiteGraph.registered_node_types[n.type]).map(n => n.type);
+                    const p = await app.graphToPrompt();
+                    return {missing, prompt: p.output};
+                }""")
+            browser.close()
+    for name in EDITOR_EXAMPLES:
+        api = json.loads((ROOT / "example_workflows" / "api" / name).read_text())
+        got = exported[name]
+        assert got["missing"] == [], (name, got["missing"])
+        assert set(got["prompt"]) == set(api), (name, sorted(got["prompt"]), sorted(api))
+        for node_id, node in api.items():
+            out = got["prompt"][node_id]
+            assert out["class_type"] == node["class_type"], (name, node_id)
+            assert out["inputs"] == node["inputs"], (name, node_id, out["inputs"], node["inputs"])
