@@ -69,13 +69,8 @@ def main() -> None:
     from comfy_env import comfyui_tree, import_pack
     tree = str(comfyui_tree())
     sys.path.insert(0, tree)  # ComfyUI's own modules first; not --cpu: this is the GPU run
-    from comfy_env import STUBS
-    for stub in ("torchvision", "torchaudio"):
-        try:
-            importlib.import_module(stub)
-        except Exception:
-            sys.path.append(str(STUBS))
-            break
+    from comfy_env import add_stubs
+    add_stubs()
     if not torch.cuda.is_available():  # a CPU smoke run of the script
         from comfy.cli_args import args as comfy_args
         comfy_args.cpu = True

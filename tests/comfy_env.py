@@ -35,12 +35,35 @@ def import_comfyui(tree: pathlib.Path) -> None:
         sys.path.insert(0, str(tree))
     from comfy.cli_args import args
     args.cpu = True  # before comfy.model_management is imported: this machine has no GPU
+    add_stubs()
+
+
+def add_stubs() -> None:
+    """tests/comfy_stubs on sys.path when torchvision or torchaudio cannot be imported (ComfyUI imports both)."""
     for stub in ("torchvision", "torchaudio"):
         try:
             importlib.import_module(stub)
         except Exception:
             sys.path.append(str(STUBS))
             break
+
+
+@contextlib.contextmanager
+def flux_heads_from_width():
+    """ComfyUI 0.3.75's Flux detection fixes 24 heads; while the block runs it gives hidden // 128 heads instead, so a
+    Flux narrower than 3072 loads (the tests' only change to ComfyUI's behaviour)."""
+    import comfy.model_detection as detection
+    detect = detection.detect_unet_config
+
+    def heads_from_width(state_dict, prefix, metadata=None):
+        config = detect(state_dict, prefix, metadata=metadata)
+        config["num_heads"] = config["hidden_size"] // 128
+        return config
+    detection.detect_unet_config = heads_from_width
+    try:
+        yield
+    finally:
+        detection.detect_unet_config = detect
 
 
 def import_pack():

@@ -11,7 +11,7 @@ Skipped without a ComfyUI tree, like tests/test_nodes.py.
 import pytest
 import torch
 
-from comfy_env import calibration_folder, comfyui_tree, import_pack, pack_nodes
+from comfy_env import calibration_folder, comfyui_tree, flux_heads_from_width, pack_nodes
 from comfy_graphs import tiny_flux_state_dict
 
 TREE = comfyui_tree()
@@ -27,16 +27,8 @@ def nodes():
 
 @pytest.fixture(scope="module")
 def flux(nodes):
-    import comfy.model_detection as detection
     import comfy.sd
-    detect = detection.detect_unet_config
-
-    def heads_from_width(state_dict, prefix, metadata=None):
-        config = detect(state_dict, prefix, metadata=metadata)
-        config["num_heads"] = config["hidden_size"] // 128
-        return config
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(detection, "detect_unet_config", heads_from_width)
+    with flux_heads_from_width():
         model = comfy.sd.load_diffusion_model_state_dict(tiny_flux_state_dict(hidden=256))
     assert type(model.model).__name__ == "Flux"
     return model

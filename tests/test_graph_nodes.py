@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from comfy_env import calibration_folder, comfyui_tree, import_pack, pack_nodes
+from comfy_env import calibration_folder, comfyui_tree, flux_heads_from_width, import_pack, pack_nodes
 from comfy_graphs import tiny_flux_state_dict
 
 TREE = comfyui_tree()
@@ -33,15 +33,7 @@ def pack(nodes):
 
 @pytest.fixture(scope="module")
 def heads_fix(nodes):
-    import comfy.model_detection as detection
-    detect = detection.detect_unet_config
-
-    def heads_from_width(state_dict, prefix, metadata=None):
-        config = detect(state_dict, prefix, metadata=metadata)
-        config["num_heads"] = config["hidden_size"] // 128
-        return config
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(detection, "detect_unet_config", heads_from_width)
+    with flux_heads_from_width():  # also while the node checks its key layout
         yield
 
 
