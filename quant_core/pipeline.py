@@ -18,7 +18,7 @@ from tqdm import tqdm
 from .calib.source import build_source
 from .errors import QuantError
 from .io.reader import SafetensorsReader
-from .io.source import ComputedSource, open_source, source_bytes
+from .io.source import ComputedSource, open_source
 from .io.writer import StreamingWriter, check_target, header_reserve, write_file_atomic
 from .job import Job
 from .quantization.bias import LayerCalibration
@@ -91,7 +91,7 @@ def convert(source, output_path: str | None, job: Job,
             result = _stream(reader, plan, output_path, job, device, merger, calibration, extras, on_layer)
         finally:
             calibration.close()
-        result.input_bytes = source_bytes(reader)
+        result.input_bytes = reader.source_bytes
     result.seconds = time.perf_counter() - start
     result.output_bytes = os.path.getsize(result.output)
     if auto is not None:
@@ -246,8 +246,7 @@ def _refuse_name_collisions(reader: SafetensorsReader, plan: Plan, path: str) ->
 
 def _user_files(reader, job: Job) -> list[tuple[str, str]]:
     """(role, path) of every file the run reads: none of them may be replaced by the output or the report."""
-    sources = list(reader.files) if isinstance(reader, ComputedSource) else [("input", reader.path)]
-    files = sources + [("calibration file", job.calibration.calibration_data)]
+    files = list(reader.files) + [("calibration file", job.calibration.calibration_data)]
     files += [("LoRA", path) for path, _ in job.lora.loras]
     for role, value in (("layer config", job.select.layer_config), ("LoRA mapping", job.lora.lora_mapping)):
         if isinstance(value, str):

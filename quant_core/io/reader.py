@@ -331,12 +331,24 @@ class SafetensorsReader:
         read_exact(self._file, buf, info.start, self.path, info.name)
         return buf.view(dtype).reshape(info.shape)
 
-    def iter_tensors(self, keys: Iterable[str], prefetch_bytes: int = 0) -> Iterator[tuple[str, torch.Tensor]]:
+    @property
+    def files(self) -> tuple[tuple[str, str], ...]:
+        """(role, path) of the files this source reads (io.source.ComputedSource has the same)."""
+        return (("input", self.path),)
+
+    @property
+    def source_bytes(self) -> int:
+        """The size of the source as held: the file's (bytes)."""
+        return os.fstat(self._file.fileno()).st_size
+
+    def iter_tensors(self, keys: Iterable[str], prefetch_bytes: int = 0,
+                     exact: frozenset[str] = frozenset()) -> Iterator[tuple[str, torch.Tensor]]:
         """Yield (key, tensor) in the given order.
 
         prefetch_bytes > 0 asks the kernel to read ahead that many bytes of the coming tensors (posix_fadvise), so
         disk reads overlap the caller's work without using a CPU (for CUDA, `io.device_feed.DeviceFeed` reads on a
-        thread into pinned memory instead)."""
+        thread into pinned memory instead). `exact` (the keys to be quantized, which a computed source gives
+        unrounded) changes nothing here: a file's tensors are exactly what it stores."""
         keys = list(keys)
         advised, ahead = 0, 0  # first key not yet advised; bytes advised but not yet read
         for i, key in enumerate(keys):

@@ -114,11 +114,3 @@ def open_source(source):
     if isinstance(source, ComputedSource):
         return source
     raise QuantError(f"the source must be a .safetensors path or a ComputedSource, got {type(source).__name__}")
-
-
-def source_bytes(reader) -> int:
-    """The size of the source as held: the file's, or the computed model's (bytes)."""
-    if isinstance(reader, ComputedSource):
-        return reader.source_bytes
-    import os
-    return os.path.getsize(reader.path)

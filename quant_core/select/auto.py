@@ -32,7 +32,6 @@ from tqdm import tqdm
 
 from ..errors import QuantError
 from ..io.dtypes import element_size, torch_dtype
-from ..io.source import ComputedSource
 from ..io.writer import header_reserve
 from ..quantization.formats import Format, make_format
 from ..quantization.formats.markers import MARKER_SUFFIX, QUANT_METADATA_KEY
@@ -304,10 +303,8 @@ def _measure_all(reader, layers: list[LayerChoice], job, calibration, transform,
     by_key = {c.decision.key: c for c in layers}
     basis = set()
     ahead = 0 if job.device.low_memory else job.device.prefetch_bytes
-    if isinstance(reader, ComputedSource):  # weights as the conversion will round them: unrounded fp32
-        tensors = reader.iter_tensors(list(by_key), exact=frozenset(by_key))
-    else:
-        tensors = reader.iter_tensors(list(by_key), prefetch_bytes=ahead)
+    # exact: as the conversion gets them (a computed source's weights unrounded)
+    tensors = reader.iter_tensors(list(by_key), prefetch_bytes=ahead, exact=frozenset(by_key))
     for done, (key, tensor) in enumerate(tqdm(tensors, total=len(by_key), desc="auto: measuring candidates",
                                               unit="layer", disable=not job.output.progress, dynamic_ncols=True)):
         if on_layer is not None:
