@@ -51,7 +51,7 @@ class PlanFromModel(io.ComfyNode):
         _check_dtype(dtype)
         try:
             key_map, name = patched.model_key_map(model)
-            source = _source("model", model, key_map, dtype, f"MODEL ({name})", {"kind": "diffusion model",
+            source = _source(model, key_map, dtype, f"MODEL ({name})", {"kind": "diffusion model",
                              "model": name}, _graph(cls, "model"))
         except QuantError as e:
             raise ValueError(str(e)) from None
@@ -88,7 +88,7 @@ class PlanFromCLIP(io.ComfyNode):
         try:
             encoder = _encoder(patcher, encoder.strip())
             key_map, detected = patched.clip_key_map(patcher, encoder)
-            source = _source("clip", patcher, key_map, dtype, f"CLIP {encoder} ({detected})",
+            source = _source(patcher, key_map, dtype, f"CLIP {encoder} ({detected})",
                              {"kind": "text encoder", "encoder": encoder, "detected": detected},
                              _graph(cls, "clip"))
         except QuantError as e:
@@ -114,11 +114,11 @@ def _encoder(patcher, asked: str) -> str:
     return encoders[0]
 
 
-def _source(kind: str, patcher, key_map, dtype: str, label: str, provenance: dict,
+def _source(patcher, key_map, dtype: str, label: str, provenance: dict,
             graph: list[str]) -> patched.PatchedSource:
     """The checked source: weights readable, every patch applicable, provenance for the header."""
     keys = {key for _, key in key_map}
-    patched.check_weights(patcher, sorted(keys), label)
+    low = patched.check_weights(patcher, sorted(keys), label)
     patched.check_patches(patcher, keys, label)
     weight_patches = patched.describe_patches(patcher, keys)
     unsaved = patched.unsaved_changes(patcher)
@@ -129,9 +129,8 @@ def _source(kind: str, patcher, key_map, dtype: str, label: str, provenance: dic
     notes = ()
     if unsaved:
         notes = (f"not in the file (they change sampling but are not weights): {'; '.join(unsaved)}",)
-    low = patched.low_precision_weights(patcher, key_map)
     if low:
         provenance["held_in"] = low
         notes += (f"the model holds {low}: layers are quantized from those values (load it with weight_dtype default "
                   "to quantize from the original weights)",)
-    return patched.PatchedSource(kind, patcher, tuple(key_map), patched.DTYPES[dtype], label, provenance, notes)
+    return patched.PatchedSource(patcher, tuple(key_map), patched.DTYPES[dtype], label, provenance, notes)

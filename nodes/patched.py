@@ -30,11 +30,10 @@ MAX_GRAPH_NODES = 64  # upstream nodes named in the header
 class PatchedSource:
     """What Save Quantized opens: a MODEL or CLIP patcher and how its keys map to the output file's."""
 
-    kind: str  # "model" or "clip"
     patcher: object  # comfy.model_patcher.ModelPatcher
     key_map: tuple[tuple[str, str], ...]  # (output key, the patcher's state-dict key), in model order
     dtype: object  # torch dtype of tensors written unquantized, None: each as the model holds it
-    label: str  # e.g. "MODEL (Flux) from UNETLoader flux1-dev.safetensors + 2 LoRA"
+    label: str  # e.g. "MODEL (Flux) + lora (13 tensors)"
     provenance: dict = field(default_factory=dict)  # header entry: source nodes, patches, what is not saved
     notes: tuple[str, ...] = ()
 
@@ -48,20 +47,23 @@ class PatchedSource:
             raise QuantError(f"{self.label}: the model no longer has {missing[0]} (changed since the plan was made); "
                              "queue the workflow again")
         entries = {out: key_patches[key] for out, key in self.key_map}
-        tensors = [quant_core.SourceTensor(out, self._stored_dtype(entries[out][0][0]), tuple(entries[out][0][0].shape))
-                   for out, _ in self.key_map]
+        tensors = [quant_core.SourceTensor(out, stored_dtype(self.dtype, entries[out][0][0]),
+                                           tuple(entries[out][0][0].shape)) for out, _ in self.key_map]
         on_the_fly = bool(getattr(self.patcher, "is_dynamic", lambda: False)())
         compute = _Computer(entries, wanted, self.dtype, self.patcher.load_device, on_the_fly)
         return quant_core.ComputedSource(self.label, tensors, compute, {"quant_core_source": json.dumps(self.provenance)},
                               files=_source_files(self.patcher))
 
-    def _stored_dtype(self, weight: torch.Tensor) -> torch.dtype:
-        if self.dtype is not None:
-            return self.dtype
-        return torch.bfloat16 if weight.dtype in FP8 else weight.dtype
 
 
 FP8 = (torch.float8_e4m3fn, torch.float8_e5m2)
+
+
+def stored_dtype(asked, weight: torch.Tensor) -> torch.dtype:
+    """The dtype a tensor is written in unquantized: the one asked for, else the model's own (bf16 for fp8)."""
+    if asked is not None:
+        return asked
+    return torch.bfloat16 if weight.dtype in FP8 else weight.dtype
 
 
 class _Computer:
@@ -80,9 +82,9 @@ class _Computer:
         import comfy.model_management as mm
         (base, convert, *_), *patches = self.entries[name]
         key = self.keys[name]
-        stored = self.dtype or (torch.bfloat16 if base.dtype in FP8 else base.dtype)
+        stored = stored_dtype(self.dtype, base)
         if not patches and not exact and base.dtype == stored:
-            return base.detach().to("cpu")  # untouched by any patch: the model's own tensor
+            return base.to("cpu")  # untouched by any patch: the model's own tensor
         # A tensor written as it is: patched the way ComfyUI patches it for sampling. Loading the classic way, it
         # computes in its LoRA compute dtype (fp32, fp16 on some GPUs) and rounds to the stored dtype; with dynamic
         # VRAM it patches each weight on the fly in that weight's dtype. A weight to quantize: fp32 throughout.
@@ -128,9 +130,11 @@ def _source_files(patcher) -> tuple[tuple[str, str], ...]:
 
 # --- what the patcher holds -----------------------------------------------------------------------------------------
 
-def check_weights(patcher, keys: list[str], what: str) -> None:
-    """Refuse a model whose weights cannot be read as floating point (already quantized by its loader)."""
+def check_weights(patcher, keys: list[str], what: str) -> str | None:
+    """Refuse a model whose weights cannot be read as floating point (already quantized by its loader). Returns
+    'N weights in float8_e4m3fn' when the loader holds weights in fp8 (its weight_dtype), else None."""
     import comfy.model_patcher
+    fp8: dict[str, int] = {}
     for key in keys:
         weight, set_func, _ = comfy.model_patcher.get_key_weight(patcher.model, key)
         quantized = set_func is not None or not torch.is_floating_point(weight) or \
@@ -138,6 +142,10 @@ def check_weights(patcher, keys: list[str], what: str) -> None:
         if quantized and key.endswith(".weight"):
             raise QuantError(f"{what}: {key} is already quantized in this model ({type(weight).__name__}, "
                              f"{weight.dtype}); load the floating-point model to quantize it")
+        if weight.dtype in FP8:
+            name = str(weight.dtype).removeprefix("torch.")
+            fp8[name] = fp8.get(name, 0) + 1
+    return ", ".join(f"{n} weights in {dtype}" for dtype, n in fp8.items()) or None
 
 
 def check_patches(patcher, keys: set[str], what: str) -> None:
@@ -177,18 +185,6 @@ class comfy_errors:
         import logging
         logging.getLogger().removeHandler(self.handler)
         return False
-
-
-def low_precision_weights(patcher, key_map) -> str | None:
-    """'N weights in float8_e4m3fn' when the loader stored weights in fp8 (its weight_dtype), else None."""
-    import comfy.model_patcher
-    counts: dict[str, int] = {}
-    for _, key in key_map:
-        weight, _, _ = comfy.model_patcher.get_key_weight(patcher.model, key)
-        if weight.dtype in FP8:
-            name = str(weight.dtype).removeprefix("torch.")
-            counts[name] = counts.get(name, 0) + 1
-    return ", ".join(f"{n} weights in {dtype}" for dtype, n in counts.items()) or None
 
 
 def describe_patches(patcher, keys: set[str]) -> dict:
