@@ -82,15 +82,17 @@ def tiny_flux_state_dict(hidden: int = FLUX_HIDDEN, double: int = 1, single: int
     return sd
 
 
-def random_clip_l_state_dict(layers: int = CLIP_LAYERS, dtype=torch.float16, seed: int = 0) -> dict[str, torch.Tensor]:
+def random_clip_l_state_dict(layers: int = CLIP_LAYERS, dtype=torch.float16, seed: int = 0, width: int = CLIP_WIDTH,
+                             ff: int = CLIP_FF) -> dict[str, torch.Tensor]:
     """A random CLIP-L text encoder with transformers' CLIPTextModel key names (`text_model.…`) plus
     `text_projection.weight` (identity), as ComfyUI's clip_l files have it.
 
     ComfyUI detects CLIP-L by `text_model.encoder.layers.0.mlp.fc1.weight` alone, but builds all 12 layers from its
     own config and loads with strict=False: a layer missing from the file is left uninitialised (torch.empty), so
-    all 12 must be present (`layers` < 12 exists only to show that)."""
+    all 12 must be present (`layers` < 12 exists only to show that). `width`/`ff` other than CLIP-L's are for a
+    loader told the architecture (ComfyUI's `<name>_model_config` option), as the in-process tests do."""
     g = torch.Generator().manual_seed(seed)
-    d, ff = CLIP_WIDTH, CLIP_FF
+    d = width
 
     def w(n, k):
         return (torch.randn(n, k, generator=g) / k ** 0.5).to(dtype)

